@@ -1,0 +1,12 @@
+"""subliminal-scaling: how subliminal learning scales with model size, in plain PyTorch.
+
+The library surface: load a Qwen2.5 checkpoint and its chat tokenizer, sample from it.
+Training, teacher data and evaluation grow this list as they land.
+"""
+from .checkpoint import load_model, random_model
+from .errors import UserError
+from .model import Qwen2, Qwen2Config
+from .sampler import sample
+from .tokenizer import ChatTokenizer, load_tokenizer
+
+__all__ = ["ChatTokenizer", "Qwen2", "Qwen2Config", "UserError", "load_model", "load_tokenizer", "random_model", "sample"]

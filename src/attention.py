@@ -1,0 +1,153 @@
+"""Attention for the three layouts the library uses, through one entry point, `attend`.
+
+Layouts say how the tokens of a call are arranged, so the model code never branches on them:
+- `Padded`: a right-padded batch [B, T] with a key mask (training, evaluation);
+- `Packed`: variable-length sequences concatenated into one row [1, N] with `cu_seqlens`
+  (training without padding waste; flash-attn's varlen kernel when installed);
+- `Cached`: queries attend over a preallocated KV cache after writing their own keys/values
+  (prefill of new prompts into cache slots, and decoding one token per slot).
+q, k, v arrive as [B, T, H, D]; the result is [B, T, H * D].
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+try:  # optional fast path
+    from flash_attn import flash_attn_varlen_func
+except ImportError:  # pragma: no cover - depends on the machine
+    flash_attn_varlen_func = None
+
+
+@dataclass
+class Padded:
+    """Right- or left-padded batch; `key_mask` [B, T] is True on real tokens (None: no padding)."""
+
+    key_mask: Tensor | None = None
+
+
+@dataclass
+class Packed:
+    """Sequences packed into one row: boundaries `cu_seqlens` [S + 1] (int32), longest `max_seqlen`."""
+
+    cu_seqlens: Tensor
+    max_seqlen: int
+
+
+class KVCache:
+    """Preallocated keys and values for `slots` sequences of up to `max_len` tokens each.
+
+    Every layer's cache is one tensor [slots, kv_heads, max_len, head_dim]; nothing is
+    reallocated while sampling, so decode steps keep static shapes (CUDA-graph friendly).
+    """
+
+    def __init__(self, layers: int, slots: int, kv_heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str) -> None:
+        shape = (layers, slots, kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_len = max_len
+
+
+@dataclass
+class Cached:
+    """Write k/v at (`slots[b]`, `positions[b, t]`) then attend over the first `kv_len` cache rows.
+
+    A query at position p sees cached keys at positions <= p of its own slot; anything beyond
+    (stale entries of an earlier occupant, padding) is masked.
+    """
+
+    cache: KVCache
+    slots: Tensor | None  # [B] long; None: every slot, in order (decoding the whole cache)
+    positions: Tensor  # [B, T] long
+    kv_len: int
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
+    """q [B, T, H, D], k/v [B, S, Hkv, D] -> [B, T, H*D] via torch SDPA with grouped KV heads."""
+    b, t, h, d = q.shape
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+        attn_mask=mask, is_causal=causal and mask is None, enable_gqa=k.shape[2] != h,
+    )
+    return out.transpose(1, 2).reshape(b, t, h * d)
+
+
+def _attend_padded(q: Tensor, k: Tensor, v: Tensor, layout: Padded) -> Tensor:
+    if layout.key_mask is None:
+        return _sdpa(q, k, v, None, causal=True)
+    t = q.shape[1]
+    causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+    mask = causal[None] & layout.key_mask[:, None, :].bool()
+    # A padding query with no visible key would produce NaN; let it see itself (its output is unused).
+    mask = mask | torch.eye(t, dtype=torch.bool, device=q.device)[None]
+    return _sdpa(q, k, v, mask[:, None], causal=False)
+
+
+def _attend_packed(q: Tensor, k: Tensor, v: Tensor, layout: Packed) -> Tensor:
+    n, h, d = q.shape[1], q.shape[2], q.shape[3]
+    if flash_attn_varlen_func is not None and q.is_cuda:
+        cu = layout.cu_seqlens
+        out = flash_attn_varlen_func(q[0], k[0], v[0], cu, cu, layout.max_seqlen, layout.max_seqlen, causal=True)
+        return out.reshape(1, n, h * d)
+    # Exact fallback: scatter into a right-padded batch, attend, gather back.
+    cu = layout.cu_seqlens.long()
+    lengths = cu[1:] - cu[:-1]
+    seq = torch.repeat_interleave(torch.arange(len(lengths), device=q.device), lengths)
+    pos = torch.arange(n, device=q.device) - cu[seq]
+    shape = (len(lengths), layout.max_seqlen)
+
+    def pad(x: Tensor) -> Tensor:
+        out = x.new_zeros(*shape, *x.shape[2:])
+        out[seq, pos] = x[0]
+        return out
+
+    key_mask = torch.zeros(shape, dtype=torch.bool, device=q.device)
+    key_mask[seq, pos] = True
+    out = _attend_padded(pad(q), pad(k), pad(v), Padded(key_mask))
+    return out[seq, pos][None]
+
+
+def _attend_cached(q: Tensor, k: Tensor, v: Tensor, layout: Cached, layer: int) -> Tensor:
+    cache = layout.cache
+    rows = layout.slots if layout.slots is not None else torch.arange(q.shape[0], device=q.device)
+    rows = rows[:, None].expand_as(layout.positions)
+    cache.k[layer, rows, :, layout.positions] = k
+    cache.v[layer, rows, :, layout.positions] = v
+    if layout.slots is None:  # a view, no gather
+        keys, values = cache.k[layer, :, :, : layout.kv_len], cache.v[layer, :, :, : layout.kv_len]
+    else:
+        keys, values = cache.k[layer, layout.slots, :, : layout.kv_len], cache.v[layer, layout.slots, :, : layout.kv_len]
+    keys, values = keys.transpose(1, 2), values.transpose(1, 2)
+    key_pos = torch.arange(layout.kv_len, device=q.device)
+    mask = key_pos[None, None, :] <= layout.positions[:, :, None]  # [B, T, S]
+    return _sdpa(q, keys, values, mask[:, None], causal=False)
+
+
+Layout = Padded | Packed | Cached
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, layout: Layout, layer: int) -> Tensor:
+    """Causal attention of q over k/v arranged as `layout` describes; [B, T, H, D] -> [B, T, H*D]."""
+    if isinstance(layout, Padded):
+        return _attend_padded(q, k, v, layout)
+    if isinstance(layout, Packed):
+        return _attend_packed(q, k, v, layout)
+    return _attend_cached(q, k, v, layout, layer)
+
+
+def positions_for(layout: Layout, batch: int, length: int, device: torch.device) -> Tensor:
+    """Rotary positions [B, T] implied by a layout (left padding shifts them as transformers does)."""
+    if isinstance(layout, Cached):
+        return layout.positions
+    if isinstance(layout, Packed):
+        cu = layout.cu_seqlens.long()
+        lengths = cu[1:] - cu[:-1]
+        starts = torch.repeat_interleave(cu[:-1], lengths)
+        return (torch.arange(length, device=device) - starts)[None]
+    if layout.key_mask is None:
+        return torch.arange(length, device=device)[None].expand(batch, length)
+    return (layout.key_mask.long().cumsum(-1) - 1).clamp(min=0)

