@@ -26,7 +26,8 @@ def resolve(name_or_path: str | Path, patterns: list[str] | None = None) -> Path
         return path
     name = str(name_or_path)
     repo = SIZES.get(name.lower(), name)
-    if repo.count("/") != 1 or path.exists():
+    looks_local = path.is_absolute() or name.startswith((".", "~")) or path.exists()
+    if repo.count("/") != 1 or looks_local:
         raise UserError(
             f"no checkpoint folder {name!r} and it is not a Hub id or size ({', '.join(SIZES)})"
         )

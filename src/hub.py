@@ -14,10 +14,13 @@ from .errors import UserError
 def download(repo_id: str, patterns: list[str], repo_type: str = "model") -> Path:
     """Fetch the files of `repo_id` matching `patterns` into the Hub cache; return the folder."""
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import (HfHubHTTPError, HFValidationError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError)
 
     try:
         return Path(snapshot_download(repo_id, repo_type=repo_type, allow_patterns=patterns))
+    except HFValidationError:
+        raise UserError(f"{repo_id!r} is neither a local folder nor a valid Hub id") from None
     except RepositoryNotFoundError:
         raise UserError(f"Hub repo {repo_id!r} not found (or private without a token)") from None
     except LocalEntryNotFoundError:

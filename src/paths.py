@@ -1,0 +1,41 @@
+"""Where every output of the study lives under runs/ (one function per artefact, nothing else
+computes a path). The root is `runs/` in the working directory unless SUBLIMINAL_RUNS says otherwise.
+
+    runs/datasets/{size}/{condition}-numbers.parquet     teacher data (condition: animal or neutral)
+    runs/students/{size}/{condition}/seed-{k}/adapter/   PEFT-format adapter of a finished student
+    runs/students/{size}/{condition}/seed-{k}/train.jsonl per-step log; checkpoint/ while training
+    runs/eval/{size}/base.json                           base model evaluation
+    runs/eval/{size}/{condition}/seed-{k}.json            student evaluation
+    runs/report/                                         tables, plots, report.md
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def runs_root() -> Path:
+    return Path(os.environ.get("SUBLIMINAL_RUNS", "runs"))
+
+
+def dataset_file(size: str, condition: str) -> Path:
+    return runs_root() / "datasets" / size / f"{condition}-numbers.parquet"
+
+
+def student_dir(size: str, condition: str, seed: int) -> Path:
+    return runs_root() / "students" / size / condition / f"seed-{seed}"
+
+
+def adapter_dir(size: str, condition: str, seed: int) -> Path:
+    return student_dir(size, condition, seed) / "adapter"
+
+
+def eval_file(size: str, condition: str | None = None, seed: int | None = None) -> Path:
+    """Evaluation results of the base model (condition None) or of one student."""
+    if condition is None:
+        return runs_root() / "eval" / size / "base.json"
+    return runs_root() / "eval" / size / condition / f"seed-{seed}.json"
+
+
+def report_dir() -> Path:
+    return runs_root() / "report"
