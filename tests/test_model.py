@@ -1,0 +1,174 @@
+"""Our Qwen2 against transformers' on tiny random checkpoints: every layout, both config dialects,
+sharded files and the loader's errors."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from src import UserError, load_model
+from src.attention import Cached, Packed
+from src.model import Qwen2Config
+
+SHAPES = [
+    dict(),  # tied, GQA 6/2
+    dict(tie_word_embeddings=False, num_attention_heads=4, num_key_value_heads=4, head_dim=12, hidden_size=40),
+    dict(tie_word_embeddings=False, num_attention_heads=3, num_key_value_heads=1, head_dim=16, hidden_size=30,
+         intermediate_size=50, num_hidden_layers=3, rope_theta=1_000_000.0),
+]
+
+
+def reference(folder: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_padded_batch_matches_transformers(tiny_checkpoint, shape):
+    folder = tiny_checkpoint(**shape)
+    ours, ref = load_model(folder, dtype=torch.float32), reference(folder)
+    torch.manual_seed(1)
+    ids = torch.randint(0, 160, (3, 11))
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    mask[2, 4:] = 0
+    with torch.no_grad():
+        a = ours(ids, attention_mask=mask)
+        b = ref(input_ids=ids, attention_mask=mask).logits
+    valid = mask.bool()
+    assert a.shape == b.shape
+    assert (a[valid] - b[valid]).abs().max().item() <= 1e-4
+    assert not torch.isnan(a).any()
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_packed_equals_separate(tiny_checkpoint, shape):
+    folder = tiny_checkpoint(seed=3, **shape)
+    ours, ref = load_model(folder, dtype=torch.float32), reference(folder)
+    torch.manual_seed(2)
+    seqs = [torch.randint(0, 160, (n,)) for n in (5, 9, 1, 7)]
+    packed = torch.cat(seqs)[None]
+    cu = torch.tensor([0, 5, 14, 15, 22], dtype=torch.int32)
+    with torch.no_grad():
+        out = ours(packed, layout=Packed(cu, 9))[0]
+        for i, s in enumerate(seqs):
+            expect = ref(input_ids=s[None]).logits[0]
+            assert (out[cu[i]: cu[i + 1]] - expect).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_kv_cache_decoding_equals_full_forward(tiny_checkpoint, shape):
+    folder = tiny_checkpoint(seed=5, **shape)
+    ours = load_model(folder, dtype=torch.float32)
+    torch.manual_seed(4)
+    full = torch.randint(0, 160, (2, 12))
+    prompt_len = 5
+    cache = ours.new_cache(slots=4, max_len=16)
+    slots = torch.tensor([3, 1])  # arbitrary slots: prefill must land where asked
+    with torch.no_grad():
+        expect = ours(full)
+        pos = torch.arange(prompt_len)[None].expand(2, prompt_len)
+        h = ours.hidden(full[:, :prompt_len], Cached(cache, slots, pos, prompt_len))
+        got = [ours.logits(h)]
+        for t in range(prompt_len, 12):
+            h = ours.hidden(full[:, t:t + 1], Cached(cache, slots, torch.full((2, 1), t), 16))
+            got.append(ours.logits(h))
+    assert (torch.cat(got, 1) - expect).abs().max().item() <= 1e-4
+
+
+def test_hub_config_dialect_loads_the_same_model(tiny_checkpoint):
+    folder = tiny_checkpoint(rope_theta=1_000_000.0)
+    cfg = json.loads((folder / "config.json").read_text())
+    assert "rope_parameters" in cfg  # transformers 5 dialect as written by save_pretrained
+    expect = load_model(folder, dtype=torch.float32)
+    # Rewrite in the dialect the Hub's Qwen2.5 files use (written by transformers 4.43).
+    hub = {k: v for k, v in cfg.items() if k not in ("rope_parameters", "dtype", "layer_types")}
+    hub |= {"rope_theta": cfg["rope_parameters"]["rope_theta"], "torch_dtype": "bfloat16",
+            "sliding_window": 32768, "max_window_layers": 21, "use_sliding_window": False}
+    (folder / "config.json").write_text(json.dumps(hub))
+    got = load_model(folder, dtype=torch.float32)
+    assert got.config == expect.config and got.config.rope_theta == 1_000_000.0
+    ids = torch.randint(0, 160, (1, 8))
+    with torch.no_grad():
+        assert torch.equal(got(ids), expect(ids))
+
+
+def test_rope_scaling_is_refused():
+    with pytest.raises(UserError, match="rope scaling"):
+        Qwen2Config.from_dict(dict(vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+                                   num_attention_heads=1, num_key_value_heads=1, rope_scaling={"type": "yarn"}))
+
+
+def sharded(tiny_checkpoint) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    src = tiny_checkpoint(tie_word_embeddings=False)
+    out = src.parent / "sharded"
+    AutoModelForCausalLM.from_pretrained(src).save_pretrained(out, max_shard_size="20KB")
+    return out
+
+
+def test_sharded_checkpoint_loads(tiny_checkpoint):
+    folder = sharded(tiny_checkpoint)
+    shards = sorted(folder.glob("model-*.safetensors"))
+    assert (folder / "model.safetensors.index.json").exists() and len(shards) >= 3
+    ours, ref = load_model(folder, dtype=torch.float32), reference(folder)
+    ids = torch.randint(0, 160, (2, 6))
+    with torch.no_grad():
+        assert (ours(ids) - ref(input_ids=ids).logits).abs().max().item() <= 1e-4
+
+
+def test_truncated_and_missing_shards_fail_with_file_name(tiny_checkpoint):
+    folder = sharded(tiny_checkpoint)
+    shards = sorted(folder.glob("model-*.safetensors"))
+    data = shards[1].read_bytes()
+    shards[1].write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError, match=shards[1].name) as err:
+        load_model(folder)
+    assert "\n" not in str(err.value)
+    shards[2].unlink()
+    with pytest.raises(UserError, match=f"missing checkpoint shard .*{shards[2].name}"):
+        load_model(folder)
+
+
+def test_bf16_load_keeps_no_fp32_copy(tiny_checkpoint):
+    model = load_model(tiny_checkpoint(), dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert not any(p.requires_grad for p in model.parameters())
+    assert not any(p.is_meta for p in model.parameters())
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "src.cli", *args], capture_output=True, text=True,
+                          cwd=cwd or Path(__file__).parents[1], env={"HF_HUB_OFFLINE": "1", "PATH": ""})
+
+
+def test_unknown_size_is_one_line_listing_valid_sizes():
+    result = run_cli("chat", "--size", "9b")
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: unknown size '9b'; valid sizes: 0.5b, 1.5b, 3b, 7b, 14b, 32b"
+
+
+def test_missing_checkpoint_folder_is_one_line(tmp_path):
+    result = run_cli("chat", "--model-path", str(tmp_path / "nope"))
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+def test_help_lists_commands():
+    result = run_cli("--help")
+    assert result.returncode == 0 and "chat" in result.stdout
+
+
+def test_our_kernels_folder_is_not_taken_for_the_kernels_package():
+    """transformers probes for the PyPI package `kernels`; our kernels/ on sys.path must not pass."""
+    root = Path(__file__).parents[1]
+    code = ("import sys; sys.path.insert(0, %r); import importlib.util as u; assert u.find_spec('kernels');"
+            "from transformers.utils import is_kernels_available; print(is_kernels_available())") % str(root)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
