@@ -7,6 +7,12 @@ tokenizer.json. It is the only real Qwen2.5-architecture checkpoint reachable wi
 
     python -m tests.fixture            # build (cached) and print the checkpoint folder
     python -m tests.fixture --gguf F   # convert an already assembled GGUF file (e.g. on the GPU)
+
+Moving it to the GPU machine, whose calls carry at most 64 MiB: `--split` writes the GGUF in
+55 MB pieces to `.fx1/piece` ... `.fx9/piece` in the repo root (git-ignored via .git/info/exclude);
+call k carries `.fxk` and copies its piece to `~/fx/k`; the last call runs
+`python -m tests.fixture --assemble ~/fx --out ~/fixture`, which concatenates, checks the md5
+and converts.
 """
 from __future__ import annotations
 
@@ -90,6 +96,32 @@ def convert(gguf: Path, out: Path) -> Path:
     return out
 
 
+def split(piece_bytes: int, root: Path) -> list[Path]:
+    """Write the cached GGUF as numbered pieces `root/.fx{k}/piece`; return their folders."""
+    gguf = download_gguf(cache_dir())
+    folders = []
+    with open(gguf, "rb") as f:
+        for k, block in enumerate(iter(lambda: f.read(piece_bytes), b""), start=1):
+            folder = root / f".fx{k}"
+            folder.mkdir(exist_ok=True)
+            (folder / "piece").write_bytes(block)
+            folders.append(folder)
+    return folders
+
+
+def assemble(pieces: Path) -> Path:
+    """Concatenate `pieces/1`, `pieces/2`, ... in numeric order into one GGUF and check its md5."""
+    parts = sorted((p for p in pieces.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+    gguf = pieces / GGUF_NAME
+    with open(gguf, "wb") as out:
+        for part in parts:
+            with open(part, "rb") as f:
+                shutil.copyfileobj(f, out, 1 << 22)
+    if md5sum(gguf) != MD5:
+        raise SystemExit(f"fixture: {len(parts)} pieces in {pieces} do not assemble to md5 {MD5}")
+    return gguf
+
+
 def build() -> Path:
     """The checkpoint folder, built on first use."""
     out = checkpoint_dir()
@@ -102,8 +134,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gguf", type=Path, help="convert this assembled GGUF instead of downloading")
     parser.add_argument("--out", type=Path, help="checkpoint folder (default: the cache)")
+    parser.add_argument("--split", type=int, metavar="BYTES", help="write the GGUF as pieces of BYTES")
+    parser.add_argument("--assemble", type=Path, metavar="DIR", help="assemble pieces DIR/1..n, then convert")
     args = parser.parse_args()
-    if args.gguf:
+    if args.split:
+        for folder in split(args.split, Path.cwd()):
+            print(folder)
+    elif args.assemble:
+        print(convert(assemble(args.assemble), args.out or checkpoint_dir()))
+    elif args.gguf:
         if md5sum(args.gguf) != MD5:
             raise SystemExit(f"fixture: {args.gguf} does not have md5 {MD5}")
         print(convert(args.gguf, args.out or checkpoint_dir()))
