@@ -5,8 +5,10 @@ Training, teacher data and evaluation grow this list as they land.
 """
 from .checkpoint import load_model, random_model
 from .errors import UserError
+from .lora import apply_lora, load_adapter, lora_state_dict, remove_lora, save_adapter
 from .model import Qwen2, Qwen2Config
 from .sampler import sample
 from .tokenizer import ChatTokenizer, load_tokenizer
 
-__all__ = ["ChatTokenizer", "Qwen2", "Qwen2Config", "UserError", "load_model", "load_tokenizer", "random_model", "sample"]
+__all__ = ["ChatTokenizer", "Qwen2", "Qwen2Config", "UserError", "apply_lora", "load_adapter", "load_model", "load_tokenizer",
+           "lora_state_dict", "random_model", "remove_lora", "sample", "save_adapter"]
