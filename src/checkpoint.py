@@ -96,14 +96,20 @@ def _assign(model: torch.nn.Module, key: str, tensor: torch.Tensor) -> None:
 
 def random_model(cfg: Qwen2Config, dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu",
                  seed: int = 0) -> Qwen2:
-    """A random-initialised model of the given shape (speed and memory runs; no checkpoint needed)."""
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = Qwen2(cfg).to(dtype)
-    for name, p in model.named_parameters():
-        if name.endswith("norm.weight"):
-            continue
-        with torch.no_grad():
-            p.normal_(0.0, 0.02) if p.dim() > 1 else p.zero_()
+    """A random-initialised model of the given shape (speed and memory runs; no checkpoint needed).
+
+    Built directly in `dtype` on `device`, so a 32B stand-in never exists in float32 anywhere."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = Qwen2(cfg)
+    finally:
+        torch.set_default_dtype(previous)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not name.endswith("norm.weight"):
+                p.normal_(0.0, 0.02, generator=generator) if p.dim() > 1 else p.zero_()
     model.requires_grad_(False)
     return model.eval()
