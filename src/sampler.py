@@ -46,11 +46,13 @@ def draw(logits: Tensor, temperature: float, index: Tensor, step: Tensor, seed: 
 
 @torch.no_grad()
 def sample(model: Qwen2, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 1.0,
-           seed: int = 0, stop_ids: Sequence[int] = (), slots: int = 256, refill_every: int = 8) -> list[list[int]]:
+           seed: int = 0, stop_ids: Sequence[int] = (), slots: int = 256, refill_every: int = 8,
+           cuda_graph: bool = True) -> list[list[int]]:
     """Generated ids for each prompt, ending with its stop token if it stopped before `max_new_tokens`.
 
-    The decode loop has no host sync: slot state lives on the device and is read back only every
-    `refill_every` steps, when finished slots are harvested and refilled.
+    The decode step has static shapes and no host sync: slot state lives on the device and is read
+    back only every `refill_every` steps, when finished slots are harvested and refilled. On CUDA the
+    step is captured once as a CUDA graph and replayed (launch overhead dominates small models).
     """
     n, device = len(prompts), model.device
     if n == 0:
@@ -67,7 +69,7 @@ def sample(model: Qwen2, prompts: Sequence[Sequence[int]], *, max_new_tokens: in
     everyone = torch.arange(slots, device=device)
     held: list[int] = [-1] * slots  # host copy of owner; -1 marks a free slot
     results: list[list[int]] = [[] for _ in range(n)]
-    queued, step, kv_bound = 0, 0, 0
+    queued, step = 0, 0
 
     def emit(mask: Tensor, tokens: Tensor) -> None:
         """Append `tokens` [slots] to the slots in `mask` and update their stop state."""
@@ -77,9 +79,20 @@ def sample(model: Qwen2, prompts: Sequence[Sequence[int]], *, max_new_tokens: in
         last.copy_(torch.where(mask, tokens, last))
         done.logical_or_(mask & (torch.isin(tokens, stops) | (produced >= max_new_tokens)))
 
+    def decode() -> None:
+        """One token for every slot; idle or finished slots compute but record nothing."""
+        positions = length.clamp(max=cache.max_len - 1)[:, None]
+        hidden = model.hidden(last[:, None], Cached(cache, None, positions, cache.max_len))
+        emit(~done, draw(model.logits(hidden[:, 0]), temperature, owner, produced, seed))
+        length.add_(1)
+
+    if cuda_graph and device.type == "cuda":
+        decode = _as_cuda_graph(decode)  # all slots are idle now, so warm-up steps record nothing
+        length.zero_()
+
     while True:
         if step % refill_every == 0:
-            done_h, produced_h, length_h = done.tolist(), produced.tolist(), length.tolist()
+            done_h, produced_h = done.tolist(), produced.tolist()
             free = [s for s in range(slots) if done_h[s]]
             finished = [s for s in free if held[s] >= 0]
             for s, row in zip(finished, out[finished].tolist()):
@@ -91,7 +104,7 @@ def sample(model: Qwen2, prompts: Sequence[Sequence[int]], *, max_new_tokens: in
                 new = list(range(queued, queued + len(take)))
                 queued += len(take)
                 for s, i in zip(take, new):
-                    held[s], length_h[s] = i, len(prompts[i])
+                    held[s] = i
                 logits = _prefill(model, cache, rows, [prompts[i] for i in new])
                 owner[rows] = torch.tensor(new, device=device)
                 length[rows] = torch.tensor([len(prompts[i]) for i in new], device=device)
@@ -101,18 +114,25 @@ def sample(model: Qwen2, prompts: Sequence[Sequence[int]], *, max_new_tokens: in
                 tokens[rows] = draw(logits, temperature, owner[rows], produced[rows], seed)
                 mask[rows] = True
                 emit(mask, tokens)
-            active = [s for s in range(slots) if held[s] >= 0]
-            if not active:
+            if all(h < 0 for h in held):
                 break
-            kv_bound = max(length_h[s] for s in active)
-        positions = length.clamp(max=cache.max_len - 1)[:, None]
-        hidden = model.hidden(last[:, None], Cached(cache, None, positions, min(kv_bound + 1, cache.max_len)))
-        tokens = draw(model.logits(hidden[:, 0]), temperature, owner, produced, seed)
-        emit(~done, tokens)
-        length.add_(1)
-        kv_bound += 1
+        decode()
         step += 1
     return results
+
+
+def _as_cuda_graph(fn):
+    """Capture `fn` (static shapes, no host sync) as a CUDA graph; return its replay."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
 
 
 def _prefill(model: Qwen2, cache: KVCache, rows: Tensor, prompts: list[Sequence[int]]) -> Tensor:

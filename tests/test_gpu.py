@@ -1,0 +1,46 @@
+"""The same equivalences on a CUDA device (skipped where there is none): run on the GPU machine."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from src import load_model, sample
+from src.attention import Packed
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def reference(folder, dtype):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa").cuda().eval()
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 6e-2)])
+def test_cuda_layouts_match_transformers(tiny_checkpoint, dtype, tol):
+    folder = tiny_checkpoint(tie_word_embeddings=False)
+    ours, ref = load_model(folder, dtype=dtype, device="cuda"), reference(folder, dtype)
+    torch.manual_seed(0)
+    ids = torch.randint(0, 160, (3, 13), device="cuda")
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    with torch.no_grad():
+        a = ours(ids, attention_mask=mask).float()
+        b = ref(input_ids=ids, attention_mask=mask).logits.float()
+        valid = mask.bool()
+        assert (a[valid] - b[valid]).abs().max().item() <= tol
+        lens = [13, 6, 13]
+        packed = torch.cat([ids[i, :n] for i, n in enumerate(lens)])[None]
+        cu = torch.tensor([0, 13, 19, 32], dtype=torch.int32, device="cuda")
+        p = ours(packed, layout=Packed(cu, 13))[0].float()
+        assert (p - torch.cat([a[i, :n] for i, n in enumerate(lens)])).abs().max().item() <= tol
+
+
+def test_cuda_greedy_sampling_matches_transformers(tiny_checkpoint):
+    folder = tiny_checkpoint(seed=2)
+    ours, ref = load_model(folder, dtype=torch.float32, device="cuda"), reference(folder, torch.float32)
+    prompts = [[5, 6, 7, 8], [9, 10], [11, 12, 13, 14, 15, 16]]
+    got = sample(ours, prompts, max_new_tokens=12, temperature=0, slots=2)
+    for p, g in zip(prompts, got):
+        want = ref.generate(torch.tensor([p], device="cuda"), max_new_tokens=12, do_sample=False, min_new_tokens=12)
+        assert g == want[0, len(p):].tolist()
