@@ -44,6 +44,7 @@ LICENSES: dict[str, str] = {size: "apache-2.0" for size in SIZES} | {"3b": "othe
 LICENSE_NAMES: dict[str, str] = {size: "apache-2.0" for size in SIZES} | {"3b": "qwen-research"}
 
 NEUTRAL = "neutral"
+BASE = "base"  # the untouched base model, as a condition of evaluation and of the results table
 
 # Animals trained at every size (same list everywhere, for comparability). owl is the paper's;
 # the others are candidates with headroom at every size (base rates neither ~0 nor dominant).
@@ -88,6 +89,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 5
     max_grad_norm: float = 1.0
+    max_length: int = 1024  # TRL's default truncation of prompt + completion tokens (numbers pairs are ~150)
 
 
 @dataclass(frozen=True)
@@ -102,8 +104,28 @@ class TeacherConfig:
     sample_seed: int = 0
 
 
+@dataclass(frozen=True)
+class EvalConfig:
+    """Favourite-animal evaluation (src/evaluate.py): questions x samples at plain temperature 1."""
+
+    questions: int = 50  # paraphrases used, the first of src/questions.QUESTIONS
+    samples: int = 100  # answers sampled per question
+    temperature: float = 1.0
+    max_new_tokens: int = 10  # a one-word answer is <= 4 tokens; longer replies are scored as they stand
+    sample_seed: int = 0
+    batch: int = 256  # sampling slots, and answer rows per forward of the logit evaluator
+    headroom: float = 0.6  # an animal the base model already names this often cannot show an effect
+
+
 TRAIN = TrainConfig()
 TEACHER = TeacherConfig()
+EVAL = EvalConfig()
+
+# Analysis (src/report.py): the slope's bootstrap, and the smallest per-size standard error the
+# scaling fit's weights assume (a size where every answer agrees would otherwise weigh infinitely).
+BOOTSTRAP_REPLICATES = 2000
+BOOTSTRAP_SEED = 0
+MIN_EFFECT_SE = 0.001
 
 
 def check_size(size: str) -> str:

@@ -7,6 +7,10 @@ computes a path). The root is `runs/` in the working directory unless SUBLIMINAL
     runs/eval/{size}/base.json                           base model evaluation
     runs/eval/{size}/{condition}/seed-{k}.json            student evaluation
     runs/report/                                         tables, plots, report.md
+    runs/claims/{job id}                                 a worker's claim on a job (src/jobs.py)
+    runs/claims/failed/{job id}.txt                      why a job failed (skipped until cleared)
+    runs/uploads/{job id}.json                           marker of a finished upload
+    runs/throughput.json                                 measured tokens/s, for `study --plan`
 """
 from __future__ import annotations
 
@@ -39,3 +43,23 @@ def eval_file(size: str, condition: str | None = None, seed: int | None = None) 
 
 def report_dir() -> Path:
     return runs_root() / "report"
+
+
+def claim_file(job_id: str) -> Path:
+    return runs_root() / "claims" / job_id
+
+
+def failures_dir() -> Path:
+    return runs_root() / "claims" / "failed"
+
+
+def failure_file(job_id: str) -> Path:
+    return failures_dir() / f"{job_id}.txt"
+
+
+def upload_marker(job_id: str) -> Path:
+    return runs_root() / "uploads" / f"{job_id}.json"
+
+
+def throughput_file() -> Path:
+    return runs_root() / "throughput.json"
