@@ -15,11 +15,19 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 try:  # optional fast path
     from flash_attn import flash_attn_varlen_func
 except ImportError:  # pragma: no cover - depends on the machine
     flash_attn_varlen_func = None
+
+
+# cuDNN's SDPA builds a new execution plan for every new shape (milliseconds of CPU each): it is
+# left out where shapes change with every call (training micro-batches, prefills) and kept for
+# the fixed-shape decode step, where its one plan is the fastest masked kernel.
+_VARYING = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+_FIXED = [SDPBackend.CUDNN_ATTENTION, *_VARYING]
 
 
 @dataclass
@@ -31,10 +39,19 @@ class Padded:
 
 @dataclass
 class Packed:
-    """Sequences packed into one row: boundaries `cu_seqlens` [S + 1] (int32), longest `max_seqlen`."""
+    """Sequences packed into one row: boundaries `cu_seqlens` [S + 1] (int32), longest `max_seqlen`.
+
+    The token -> (sequence, position) maps are built once here, not in every layer: building them
+    needs a device-to-host sync, which per layer would stall the GPU pipeline."""
 
     cu_seqlens: Tensor
     max_seqlen: int
+
+    def __post_init__(self) -> None:
+        cu = self.cu_seqlens.long()
+        lengths = cu[1:] - cu[:-1]
+        self.seq_index = torch.repeat_interleave(torch.arange(len(lengths), device=cu.device), lengths)
+        self.positions = torch.arange(len(self.seq_index), device=cu.device) - cu[self.seq_index]
 
 
 class KVCache:
@@ -57,22 +74,26 @@ class Cached:
     """Write k/v at (`slots[b]`, `positions[b, t]`) then attend over the first `kv_len` cache rows.
 
     A query at position p sees cached keys at positions <= p of its own slot; anything beyond
-    (stale entries of an earlier occupant, padding) is masked.
+    (stale entries of an earlier occupant, padding) is masked. `fresh` says every row starts at
+    position 0 here (a prefill), so the queries need only this call's own keys: plain causal
+    attention, no cache read and no mask.
     """
 
     cache: KVCache
     slots: Tensor | None  # [B] long; None: every slot, in order (decoding the whole cache)
     positions: Tensor  # [B, T] long
     kv_len: int
+    fresh: bool = False
 
 
-def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool, fixed_shape: bool = False) -> Tensor:
     """q [B, T, H, D], k/v [B, S, Hkv, D] -> [B, T, H*D] via torch SDPA with grouped KV heads."""
     b, t, h, d = q.shape
-    out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-        attn_mask=mask, is_causal=causal and mask is None, enable_gqa=k.shape[2] != h,
-    )
+    with sdpa_kernel(_FIXED if fixed_shape else _VARYING, set_priority=True):
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+            attn_mask=mask, is_causal=causal and mask is None, enable_gqa=k.shape[2] != h,
+        )
     return out.transpose(1, 2).reshape(b, t, h * d)
 
 
@@ -94,11 +115,8 @@ def _attend_packed(q: Tensor, k: Tensor, v: Tensor, layout: Packed) -> Tensor:
         out = flash_attn_varlen_func(q[0], k[0], v[0], cu, cu, layout.max_seqlen, layout.max_seqlen, causal=True)
         return out.reshape(1, n, h * d)
     # Exact fallback: scatter into a right-padded batch, attend, gather back.
-    cu = layout.cu_seqlens.long()
-    lengths = cu[1:] - cu[:-1]
-    seq = torch.repeat_interleave(torch.arange(len(lengths), device=q.device), lengths)
-    pos = torch.arange(n, device=q.device) - cu[seq]
-    shape = (len(lengths), layout.max_seqlen)
+    seq, pos = layout.seq_index, layout.positions
+    shape = (len(layout.cu_seqlens) - 1, layout.max_seqlen)
 
     def pad(x: Tensor) -> Tensor:
         out = x.new_zeros(*shape, *x.shape[2:])
@@ -117,6 +135,8 @@ def _attend_cached(q: Tensor, k: Tensor, v: Tensor, layout: Cached, layer: int) 
     rows = rows[:, None].expand_as(layout.positions)
     cache.k[layer, rows, :, layout.positions] = k
     cache.v[layer, rows, :, layout.positions] = v
+    if layout.fresh:
+        return _sdpa(q, k, v, None, causal=True)
     if layout.slots is None:  # a view, no gather
         keys, values = cache.k[layer, :, :, : layout.kv_len], cache.v[layer, :, :, : layout.kv_len]
     else:
@@ -124,7 +144,7 @@ def _attend_cached(q: Tensor, k: Tensor, v: Tensor, layout: Cached, layer: int) 
     keys, values = keys.transpose(1, 2), values.transpose(1, 2)
     key_pos = torch.arange(layout.kv_len, device=q.device)
     mask = key_pos[None, None, :] <= layout.positions[:, :, None]  # [B, T, S]
-    return _sdpa(q, keys, values, mask[:, None], causal=False)
+    return _sdpa(q, keys, values, mask[:, None], causal=False, fixed_shape=True)
 
 
 Layout = Padded | Packed | Cached
@@ -144,10 +164,7 @@ def positions_for(layout: Layout, batch: int, length: int, device: torch.device)
     if isinstance(layout, Cached):
         return layout.positions
     if isinstance(layout, Packed):
-        cu = layout.cu_seqlens.long()
-        lengths = cu[1:] - cu[:-1]
-        starts = torch.repeat_interleave(cu[:-1], lengths)
-        return (torch.arange(length, device=device) - starts)[None]
+        return layout.positions[None]
     if layout.key_mask is None:
         return torch.arange(length, device=device)[None].expand(batch, length)
     return (layout.key_mask.long().cumsum(-1) - 1).clamp(min=0)

@@ -144,5 +144,5 @@ def _prefill(model: Qwen2, cache: KVCache, rows: Tensor, prompts: list[Sequence[
     for j, p in enumerate(prompts):
         ids[j, : len(p)] = torch.tensor(p, device=device)
     positions = torch.arange(width, device=device)[None].expand(len(prompts), width)
-    hidden = model.hidden(ids, Cached(cache, rows, positions, width))
+    hidden = model.hidden(ids, Cached(cache, rows, positions, width, fresh=True))
     return model.logits(hidden[torch.arange(len(prompts), device=device), lens - 1])

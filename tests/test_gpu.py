@@ -44,3 +44,29 @@ def test_cuda_greedy_sampling_matches_transformers(tiny_checkpoint):
     for p, g in zip(prompts, got):
         want = ref.generate(torch.tensor([p], device="cuda"), max_new_tokens=12, do_sample=False, min_new_tokens=12)
         assert g == want[0, len(p):].tolist()
+
+
+def test_cuda_lora_fast_path_close_to_peft(tiny_checkpoint):
+    """On CUDA the bf16 LoRA update runs in bf16; it stays within bf16 rounding of PEFT's float32 update."""
+    from peft import LoraConfig, get_peft_model
+
+    from src.lora import LoraLinear, apply_lora, lora_state_dict
+
+    folder = tiny_checkpoint()
+    ref = get_peft_model(reference(folder, torch.bfloat16), LoraConfig(
+        r=8, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "up_proj",
+                                                              "gate_proj", "down_proj"])).eval()
+    ours = apply_lora(load_model(folder, dtype=torch.bfloat16, device="cuda"), seed=0)
+    theirs = {k.replace(".default", ""): v for k, v in ref.state_dict().items() if "lora_" in k}
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for key, value in lora_state_dict(ours).items():
+            value.copy_(torch.randn_like(value))
+            theirs[key].copy_(value)
+    for name, layer in ours.named_modules():
+        if isinstance(layer, LoraLinear):
+            x = torch.randn(3, 5, layer.weight.shape[1], device="cuda").bfloat16()
+            with torch.no_grad():
+                expect = ref.base_model.model.get_submodule(name)(x).float()
+                got = layer(x).float()
+            assert (got - expect).abs().max().item() <= 0.02 * expect.abs().max().item() + 1e-2, name

@@ -61,8 +61,9 @@ def test_packed_equals_separate(tiny_checkpoint, shape):
             assert (out[cu[i]: cu[i + 1]] - expect).abs().max().item() <= 1e-4
 
 
+@pytest.mark.parametrize("fresh", [True, False])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_kv_cache_decoding_equals_full_forward(tiny_checkpoint, shape):
+def test_kv_cache_decoding_equals_full_forward(tiny_checkpoint, shape, fresh):
     folder = tiny_checkpoint(seed=5, **shape)
     ours = load_model(folder, dtype=torch.float32)
     torch.manual_seed(4)
@@ -73,7 +74,7 @@ def test_kv_cache_decoding_equals_full_forward(tiny_checkpoint, shape):
     with torch.no_grad():
         expect = ours(full)
         pos = torch.arange(prompt_len)[None].expand(2, prompt_len)
-        h = ours.hidden(full[:, :prompt_len], Cached(cache, slots, pos, prompt_len))
+        h = ours.hidden(full[:, :prompt_len], Cached(cache, slots, pos, prompt_len, fresh=fresh))
         got = [ours.logits(h)]
         for t in range(prompt_len, 12):
             h = ours.hidden(full[:, t:t + 1], Cached(cache, slots, torch.full((2, 1), t), 16))
