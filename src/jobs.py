@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from . import paths
-from .constants import BASE, TEACHER, TRAIN, check_size
+from .constants import BASE, EVAL, TEACHER, TRAIN, check_size
 
 KINDS = ("generate", "train", "evaluate", "upload")
 
@@ -205,7 +205,8 @@ def run_worker(jobs: list[Job], execute: Callable[[Job], None], worker_id: int |
 
     Each round takes the first job in `jobs` order that is not done, not failed, has its
     dependencies done and can be claimed. When none can, but another worker holds a job that may
-    unblock the rest, it sleeps `poll` seconds and looks again.
+    unblock the rest, it sleeps `poll` seconds and looks again. A job that raises, or returns
+    without its outputs, is recorded as failed and the worker goes on.
     """
     ran: list[str] = []
     while True:
@@ -223,6 +224,8 @@ def run_worker(jobs: list[Job], execute: Callable[[Job], None], worker_id: int |
                 continue
             log(f"[worker {worker_id}] {job.id}: start")
             execute(job)
+            if not is_done(job):  # would otherwise be picked again forever
+                raise RuntimeError(f"{job.id} returned without writing its outputs")
             ran.append(job.id)
             log(f"[worker {worker_id}] {job.id}: done")
         except Exception as exc:
@@ -266,7 +269,7 @@ REFERENCE_THROUGHPUT: dict[str, dict[str, float]] = {
 }
 TOKENS_PER_PAIR = 145  # prompt + completion of one numbers pair, Qwen2.5 tokenizer (anchors.md)
 GENERATED_TOKENS_PER_PROMPT = 45  # a teacher completion: up to 10 numbers of 3 digits, digit by digit
-EVAL_GENERATED_TOKENS = 50 * 200 * 8  # ~50 questions x ~200 answers x a few tokens each
+ANSWER_TOKENS = 6  # a one-word answer and its end token, mostly (EVAL.max_new_tokens caps it)
 
 
 def load_throughput() -> tuple[dict[str, dict[str, float]], set[str]]:
@@ -297,7 +300,7 @@ def estimate_hours(jobs: Iterable[Job], throughput: dict[str, dict[str, float]] 
     rates = throughput if throughput is not None else load_throughput()[0]
     tokens = {"generate": TEACHER.prompts * GENERATED_TOKENS_PER_PROMPT,
               "train": TRAIN.pairs * TRAIN.epochs * TOKENS_PER_PAIR,
-              "evaluate": EVAL_GENERATED_TOKENS}
+              "evaluate": EVAL.questions * EVAL.samples * ANSWER_TOKENS}
     phase = {"generate": "generate", "train": "train", "evaluate": "generate"}
     hours = dict.fromkeys(KINDS, 0.0)
     for job in jobs:

@@ -148,6 +148,10 @@ def test_failure_is_recorded_releases_its_claim_and_blocks_dependents(runs):
     assert "RuntimeError: boom" in (runs / "claims" / "failed" / f"{bad}.txt").read_text()
     assert not (runs / "claims" / bad).exists()
 
+    quiet = Job("generate", "0.5b", "eagle")  # returns without outputs: a failure, not an endless loop
+    assert run_worker([quiet], lambda job: None, 0, poll=0.01, log=lambda m: None)["failed"] == [quiet.id]
+    assert "without writing its outputs" in (runs / "claims" / "failed" / f"{quiet.id}.txt").read_text()
+
     jobs.clear_failures()  # a rerun retries the failed job and what waited on it, nothing else
     again = run_worker(grid, make_outputs, 0, poll=0.01, log=lambda m: None)
     assert again == {"ran": [bad, "evaluate-0.5b-owl-seed0", "upload-0.5b-owl-seed0"], "failed": [], "blocked": []}
