@@ -92,6 +92,7 @@ def test_done_detection_from_files():
     assert all(map(is_done, grid))
 
 
+@pytest.mark.slow  # each worker process imports the package, torch included
 def test_two_worker_processes_run_every_job_once(runs, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
