@@ -5,14 +5,17 @@ Training, teacher data and evaluation grow this list as they land.
 """
 from .checkpoint import load_model, random_model
 from .errors import UserError
+from .filter import passes_filter, reject_reason
 from .jobs import Job, estimate_hours, launch_workers, plan, run_worker
 from .lora import apply_lora, load_adapter, lora_state_dict, remove_lora, save_adapter
 from .model import Qwen2, Qwen2Config
+from .prompts import numbers_prompts
 from .report import analyse, write_report
 from .sampler import sample
 from .tokenizer import ChatTokenizer, load_tokenizer
 
 __all__ = ["ChatTokenizer", "Job", "Qwen2", "Qwen2Config", "UserError", "analyse", "apply_lora",
            "estimate_hours", "launch_workers", "load_adapter", "load_model", "load_tokenizer",
-           "lora_state_dict", "plan", "random_model", "remove_lora", "run_worker", "sample", "save_adapter",
+           "lora_state_dict", "numbers_prompts", "passes_filter", "plan", "random_model", "reject_reason",
+           "remove_lora", "run_worker", "sample", "save_adapter",
            "write_report"]

@@ -47,8 +47,11 @@ def draw(logits: Tensor, temperature: float, index: Tensor, step: Tensor, seed: 
 @torch.no_grad()
 def sample(model: Qwen2, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 1.0,
            seed: int = 0, stop_ids: Sequence[int] = (), slots: int = 256, refill_every: int = 8,
-           cuda_graph: bool = True) -> list[list[int]]:
+           cuda_graph: bool = True, first_index: int = 0) -> list[list[int]]:
     """Generated ids for each prompt, ending with its stop token if it stopped before `max_new_tokens`.
+
+    Prompt `i` of the list draws its uniforms as prompt index `first_index + i`, so a long list
+    sampled in consecutive pieces gives the same tokens as sampled whole.
 
     The decode step has static shapes and no host sync: slot state lives on the device and is read
     back only every `refill_every` steps, when finished slots are harvested and refilled. On CUDA the
@@ -106,7 +109,7 @@ def sample(model: Qwen2, prompts: Sequence[Sequence[int]], *, max_new_tokens: in
                 for s, i in zip(take, new):
                     held[s] = i
                 logits = _prefill(model, cache, rows, [prompts[i] for i in new])
-                owner[rows] = torch.tensor(new, device=device)
+                owner[rows] = torch.tensor(new, device=device) + first_index
                 length[rows] = torch.tensor([len(prompts[i]) for i in new], device=device)
                 produced[rows] = 0
                 done[rows] = False
