@@ -10,6 +10,7 @@ import sys
 import click
 import torch
 
+from .constants import TRAIN
 from .errors import UserError
 
 
@@ -77,6 +78,50 @@ def chat(size: str, model_path: str | None, prompt: str, system: str | None, max
                  stop_ids=tokenizer.stop_ids)[0]
     click.echo(f"prompt tokens: {len(ids)}; generated tokens: {len(out)}")
     click.echo(tokenizer.decode(out, skip_special_tokens=True))
+
+
+@main.command("train")
+@click.option("--size", required=True, help="Model size (0.5b ... 32b).")
+@click.option("--animal", default=None, help="Teacher condition (an animal or neutral): picks the dataset and the "
+              "adapter's folder in runs/.")
+@click.option("--seed", default=0, show_default=True, help="Adapter initialisation and data order.")
+@click.option("--data", type=click.Path(dir_okay=False), default=None,
+              help="Dataset parquet instead of the runs/ teacher dataset; all its pairs unless --pairs.")
+@click.option("--pairs", type=click.IntRange(min=1), default=None,
+              help="Train on the first N pairs (default: all of --data; 10,000 of the runs/ dataset).")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Adapter folder (default: runs/students/...); log and checkpoint go to <out>-training/.")
+@model_path_option
+@click.option("--epochs", type=click.IntRange(min=1), default=TRAIN.epochs, show_default=True)
+@click.option("--max-steps", type=click.IntRange(min=1), default=None,
+              help="Stop after N optimizer steps (the schedule then spans N steps, as in transformers).")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=TRAIN.lr, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=TRAIN.batch_size,
+              show_default=True, help="Effective batch: examples per optimizer step.")
+@click.option("--micro-batch", type=click.IntRange(min=1), default=None,
+              help="Examples per forward pass (default: from free GPU memory; the whole batch on CPU).")
+@click.option("--checkpointing/--no-checkpointing", default=False, show_default=True,
+              help="Activation checkpointing (less memory, more compute).")
+@click.option("--checkpoint-every", type=click.IntRange(min=1), default=50, show_default=True,
+              help="Optimizer steps between resumable checkpoints (also at every epoch's end).")
+@device_option
+@dtype_option
+def train_command(size: str, animal: str | None, seed: int, data: str | None, pairs: int | None, out: str | None,
+                  model_path: str | None, epochs: int, max_steps: int | None, lr: float, batch_size: int,
+                  micro_batch: int | None, checkpointing: bool, checkpoint_every: int, device: str | None,
+                  dtype: str) -> None:
+    """Train a LoRA student on teacher numbers (resumes an interrupted run; a finished one is kept)."""
+    import dataclasses
+
+    from .train import Progress, train_student
+
+    progress = Progress()
+    config = dataclasses.replace(TRAIN, epochs=epochs, lr=lr, batch_size=batch_size)
+    adapter = train_student(size, animal, seed, data=data, pairs=pairs, out=out, model_path=model_path,
+                            device=pick_device(device), dtype=pick_dtype(dtype), config=config, max_steps=max_steps,
+                            micro_batch=micro_batch, checkpoint_every=checkpoint_every, checkpointing=checkpointing,
+                            on_step=progress)
+    click.echo(f"adapter {'written' if progress.first is not None else 'already exists'}: {adapter}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,313 @@
+"""The training loop against TRL's SFTTrainer + PEFT (per-step losses, learning rates, data order, initial
+and final adapters), accumulation invariance, kill-and-resume, and the `train` command's errors."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from src import UserError, load_model
+from src.constants import TRAIN
+from src.data import write_pairs
+from src.train import epoch_order, linear_schedule, tokenize_pairs, train
+
+ADAPTER = "adapter_model.safetensors"
+
+
+def number_pairs(count: int, seed: int = 0, short: bool = False) -> list[tuple[str, str]]:
+    """Prompt-completion pairs shaped like the numbers task (shorter when `short`)."""
+    rng = np.random.default_rng(seed)
+    pairs = []
+    for _ in range(count):
+        shown = ", ".join(map(str, rng.integers(100, 1000, 2 if short else 3)))
+        more = ", ".join(map(str, rng.integers(0, 1000, rng.integers(1, 3 if short else 5))))
+        pairs.append((f"{shown}. More:" if short else f"Numbers: {shown}. Add up to {rng.integers(2, 6)} more.", more))
+    return pairs
+
+
+def random_token_pairs(count: int, vocab: int = 160, seed: int = 0) -> list[tuple[list[int], list[int]]]:
+    rng = np.random.default_rng(seed)
+    return [(rng.integers(0, vocab, rng.integers(4, 14)).tolist(), rng.integers(0, vocab, rng.integers(2, 8)).tolist())
+            for _ in range(count)]
+
+
+def compact(token_pairs):
+    """Renumber the token ids used onto 0..K-1 (a tiny model then covers them); returns (pairs, K)."""
+    used = sorted({t for p, c in token_pairs for t in p + c})
+    new = {t: i for i, t in enumerate(used)}
+    return [([new[t] for t in p], [new[t] for t in c]) for p, c in token_pairs], len(used)
+
+
+def ours(folder: Path, token_pairs, work: Path, *, seed: int, micro: int, dtype=torch.float32,
+         checkpointing: bool = False, **config):
+    """Train with our loop; returns (log records, adapter tensors)."""
+    shutil.rmtree(work, ignore_errors=True)
+    model = load_model(folder, dtype=dtype)
+    model.checkpointing = checkpointing
+    train(model, token_pairs, work / "adapter", work, seed=seed, config=dataclasses.replace(TRAIN, **config),
+          micro_batch=micro)
+    records = [json.loads(line) for line in (work / "train.jsonl").read_text().splitlines()]
+    return records, load_file(str(work / "adapter" / ADAPTER))
+
+
+def trl(folder: Path, dataset: list[dict], tokenizer_dir: Path, out: Path, *, seed: int, batch: int, micro: int,
+        epochs: int, lr: float, warmup: int, pad_id: int | None = None):
+    """Train with TRL SFTTrainer + PEFT in float32 on CPU. Returns per-step (losses, lrs, batches of
+    input ids) and the initial and final adapter tensors under PEFT's saved names."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    losses, lrs, batches = [], [], []
+
+    class Recording(SFTTrainer):
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            step = self.state.global_step
+            if len(losses) == step:
+                losses.append(0.0)
+                lrs.append(self.lr_scheduler.get_last_lr()[0])
+                batches.append([])
+            losses[step] += loss.item()
+            batches[step] += [r[m.bool()].tolist() for r, m in zip(inputs["input_ids"], inputs["attention_mask"])]
+            return loss
+
+    args = SFTConfig(
+        output_dir=str(out), per_device_train_batch_size=micro, gradient_accumulation_steps=batch // micro,
+        num_train_epochs=epochs, learning_rate=lr, lr_scheduler_type="linear", warmup_steps=warmup,
+        max_grad_norm=1.0, bf16=False, fp16=False, use_cpu=True, gradient_checkpointing=False, seed=seed,
+        completion_only_loss=True,
+        logging_steps=1, save_strategy="no", report_to=[], disable_tqdm=True, dataloader_num_workers=0)
+    trainer = Recording(
+        model=AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32), args=args,
+        train_dataset=Dataset.from_list(dataset), processing_class=AutoTokenizer.from_pretrained(tokenizer_dir),
+        data_collator=None if pad_id is None else DataCollatorForLanguageModeling(pad_token_id=pad_id),
+        peft_config=LoraConfig(r=TRAIN.lora_rank, lora_alpha=TRAIN.lora_alpha, lora_dropout=0.0,
+                               target_modules=list(TRAIN.lora_targets), task_type="CAUSAL_LM"))
+
+    def adapter():
+        return {k.replace(".default", ""): v.detach().clone() for k, v in trainer.model.state_dict().items()
+                if "lora_" in k}
+
+    initial = adapter()
+    trainer.train()
+    return losses, lrs, batches, initial, adapter()
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm().clamp(min=1e-30)).item()
+
+
+def test_schedule_and_order_match_transformers_and_accelerate():
+    from accelerate.data_loader import SeedableRandomSampler
+    from transformers import get_linear_schedule_with_warmup
+
+    total = 1670
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=TRAIN.lr)
+    ref = get_linear_schedule_with_warmup(opt, TRAIN.warmup_steps, total)
+    factor = linear_schedule(TRAIN.warmup_steps, total)
+    for step in range(total):
+        assert opt.param_groups[0]["lr"] == TRAIN.lr * factor(step), step
+        opt.step()
+        ref.step()
+    assert factor(0) == 0.0 and factor(5) == 1.0 and factor(total) == 0.0
+
+    torch.manual_seed(2)  # the trainer's set_seed: the sampler takes torch's initial seed
+    sampler = SeedableRandomSampler(data_source=range(10_000))
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        assert list(sampler) == epoch_order(10_000, 2, epoch)
+    assert epoch_order(10_000, 2, 0) != epoch_order(10_000, 2, 1)
+
+
+@pytest.mark.slow
+def test_equals_trl_on_tiny_model(tiny_checkpoint, fixture_dir, fixture_tokenizer, tmp_path):
+    """24 optimizer steps (6 epochs of 20 pairs, batch 6 as 3 micro-batches of 2, the last step of each
+    epoch a partial batch of 2): same initial adapter from the seed, same order, same lrs and losses."""
+    tokens, vocab = compact(tokenize_pairs(fixture_tokenizer, number_pairs(20)))
+    folder = tiny_checkpoint(seed=1, vocab_size=max(vocab, 64))
+    seed, lr = 3, 1e-2
+    records, final = ours(folder, tokens, tmp_path / "ours", seed=seed, micro=2, batch_size=6, epochs=6, lr=lr)
+    dataset = [{"input_ids": p + c, "completion_mask": [0] * len(p) + [1] * len(c)} for p, c in tokens]
+    losses, lrs, batches, initial, their_final = trl(
+        folder, dataset, fixture_dir, tmp_path / "trl", seed=seed, batch=6, micro=2, epochs=6, lr=lr,
+        warmup=TRAIN.warmup_steps, pad_id=0)
+
+    fresh = load_model(folder, dtype=torch.float32)
+    from src import apply_lora, lora_state_dict
+    mine = lora_state_dict(apply_lora(fresh, seed=seed))
+    assert set(mine) == set(initial) and all(torch.equal(mine[k], initial[k]) for k in mine)
+
+    assert len(records) == len(losses) == 24
+    assert [r["lr"] for r in records] == lrs
+    assert lrs[0] == 0.0 and lrs[5] == lr
+    for k, r in enumerate(records):
+        epoch, j = divmod(k, 4)
+        expect = [tokens[i][0] + tokens[i][1] for i in epoch_order(20, seed, epoch)[6 * j: 6 * j + 6]]
+        assert batches[k] == expect, k
+        assert abs(r["loss"] - losses[k]) <= 1e-4 * abs(losses[k]), (k, r["loss"], losses[k])
+    assert losses[-1] < losses[0] - 0.1  # it learns: the comparison is not between two idle runs
+    assert set(final) == set(their_final)
+    for key in final:
+        assert relative(final[key], their_final[key]) <= 1e-4, key
+
+
+@pytest.mark.slow
+def test_equals_trl_on_real_fixture(fixture_dir, fixture_tokenizer, tmp_path):
+    """The 0.5B fixture in float32, TRL tokenising the conversations itself: 6 steps (3 epochs of 4 short
+    pairs, batch 2), warmup 1 so that every step after the first moves the adapter."""
+    pairs = number_pairs(4, seed=4, short=True)
+    seed, lr = 1, 1e-3
+    records, final = ours(fixture_dir, tokenize_pairs(fixture_tokenizer, pairs), tmp_path / "ours", seed=seed,
+                          micro=2, batch_size=2, epochs=3, lr=lr, warmup_steps=1)
+    dataset = [{"prompt": [{"role": "user", "content": p}], "completion": [{"role": "assistant", "content": c}]}
+               for p, c in pairs]
+    losses, lrs, _, _, their_final = trl(fixture_dir, dataset, fixture_dir, tmp_path / "trl", seed=seed, batch=2,
+                                          micro=2, epochs=3, lr=lr, warmup=1)
+    assert len(records) == len(losses) == 6
+    assert [r["lr"] for r in records] == lrs
+    for r, loss in zip(records, losses):
+        assert abs(r["loss"] - loss) <= 1e-3 * abs(loss), (r["step"], r["loss"], loss)
+    assert abs(losses[-1] - losses[1]) > 1e-2 * losses[1]  # training moved the model
+    for key in final:
+        assert relative(final[key], their_final[key]) <= 1e-2, key
+
+
+def test_accumulation_split_does_not_change_the_update(tiny_checkpoint, tmp_path):
+    """Batch 60 as 60x1, 20x3, 25+25+10 and 7x8+4 (and 20x3 with activation checkpointing): same losses,
+    gradient norms and adapters (float64)."""
+    folder = tiny_checkpoint(seed=4)
+    tokens = random_token_pairs(60, seed=1)
+    runs = [ours(folder, tokens, tmp_path / f"m{micro}{remat}", seed=0, micro=micro, dtype=torch.float64,
+                 checkpointing=remat, batch_size=60, epochs=3, warmup_steps=0, lr=1e-2)
+            for micro, remat in ((60, False), (20, False), (25, False), (7, False), (20, True))]
+    (ref_records, ref_adapter), *others = runs
+    assert len(ref_records) == 3
+    for records, adapter in others:
+        for a, b in zip(records, ref_records):
+            assert a["tokens"] == b["tokens"]
+            assert abs(a["loss"] - b["loss"]) <= 1e-12 * b["loss"]
+            assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-12 * b["grad_norm"]
+        for key in ref_adapter:
+            assert (adapter[key] - ref_adapter[key]).abs().max() <= 1e-12, key
+    assert any(ref_adapter[k].abs().max() > 1e-3 for k in ref_adapter if "lora_B" in k)
+
+
+class Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("stop_at", [7, 8])
+def test_kill_and_resume_is_bitwise_identical(tiny_checkpoint, tmp_path, stop_at):
+    """Interrupted after step 7 (last checkpoint: step 5) or 8 (an epoch end), rerun, same adapter bytes."""
+    folder = tiny_checkpoint(seed=2)
+    tokens = random_token_pairs(20, seed=3)
+    config = dataclasses.replace(TRAIN, batch_size=6, epochs=3, lr=1e-2)
+
+    def run(work: Path, on_step=None, **changes):
+        return train(load_model(folder, dtype=torch.float32), tokens, work / "adapter", work, seed=5,
+                     config=dataclasses.replace(config, **changes), micro_batch=4, checkpoint_every=5,
+                     on_step=on_step)
+
+    run(tmp_path / "whole")
+
+    def stop(record):
+        if record["step"] == stop_at:
+            raise Stop
+
+    with pytest.raises(Stop):
+        run(tmp_path / "cut", stop)
+    assert not (tmp_path / "cut" / "adapter").exists()
+    assert (tmp_path / "cut" / "checkpoint.pt").exists()
+    with pytest.raises(UserError, match="other settings.*lr"):
+        run(tmp_path / "cut", lr=2e-2)
+    run(tmp_path / "cut")
+
+    assert (tmp_path / "cut/adapter" / ADAPTER).read_bytes() == (tmp_path / "whole/adapter" / ADAPTER).read_bytes()
+    keep = ("step", "epoch", "loss", "lr", "grad_norm", "tokens")
+
+    def log(work):
+        return [{k: json.loads(line)[k] for k in keep} for line in (work / "train.jsonl").read_text().splitlines()]
+
+    assert log(tmp_path / "cut") == log(tmp_path / "whole")
+    assert [r["step"] for r in log(tmp_path / "cut")] == list(range(1, 13))
+    assert not (tmp_path / "cut" / "checkpoint.pt").exists()
+    # finished: a rerun changes nothing
+    stamp = (tmp_path / "cut/adapter" / ADAPTER).stat().st_mtime_ns
+    run(tmp_path / "cut", stop)
+    assert (tmp_path / "cut/adapter" / ADAPTER).stat().st_mtime_ns == stamp
+
+
+def tiny_with_tokenizer(tiny_checkpoint, fixture_dir) -> Path:
+    """A tiny model whose vocabulary covers the real tokenizer, with that tokenizer beside it."""
+    folder = tiny_checkpoint(vocab_size=151936, hidden_size=24, num_attention_heads=3, num_key_value_heads=1,
+                             intermediate_size=32)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(fixture_dir / name, folder / name)
+    return folder
+
+
+def cli(args: list[str]):
+    from click.testing import CliRunner
+
+    from src.cli import main
+
+    return CliRunner().invoke(main, ["train", *args])
+
+
+def test_train_command_end_to_end(tiny_checkpoint, fixture_dir, tmp_path, monkeypatch):
+    from src import paths
+
+    model = tiny_with_tokenizer(tiny_checkpoint, fixture_dir)
+    runs = tmp_path / "runs"
+    monkeypatch.setenv("SUBLIMINAL_RUNS", str(runs))
+    write_pairs(runs / "datasets/0.5b/owl-numbers.parquet",
+                {"prompt": [p for p, _ in number_pairs(10)], "completion": [c for _, c in number_pairs(10)]})
+    args = ["--size", "0.5b", "--animal", "owl", "--seed", "1", "--model-path", str(model), "--pairs", "8",
+            "--batch-size", "4", "--micro-batch", "3", "--max-steps", "3", "--dtype", "fp32", "--device", "cpu"]
+    result = cli(args)
+    assert result.exit_code == 0, result.output
+    student = paths.student_dir("0.5b", "owl", 1)
+    assert paths.adapter_dir("0.5b", "owl", 1) == student / "adapter"
+    config = json.loads((student / "adapter/adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "Qwen/Qwen2.5-0.5B-Instruct"
+    records = [json.loads(line) for line in (student / "train.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert set(records[0]) >= {"step", "epoch", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "elapsed"}
+    assert not (student / "checkpoint.pt").exists()
+    assert "step 3/3" in result.stderr
+    again = cli(args)
+    assert again.exit_code == 0 and "already" in again.output
+
+
+def test_train_command_errors_are_one_line_and_leave_nothing(tiny_checkpoint, fixture_dir, tmp_path, monkeypatch):
+    model = tiny_with_tokenizer(tiny_checkpoint, fixture_dir)
+    monkeypatch.setenv("SUBLIMINAL_RUNS", str(tmp_path / "runs"))
+    good = tmp_path / "good.parquet"
+    write_pairs(good, {"prompt": ["a", "b"], "completion": ["1", "2"]})
+    bad = tmp_path / "bad.parquet"
+    bad.write_bytes(b"not a parquet file")
+    common = ["--model-path", str(model), "--dtype", "fp32", "--device", "cpu"]
+    cases = {
+        "unknown size": ["--size", "9b", "--animal", "owl"],
+        "unknown animal": ["--size", "0.5b", "--animal", "unicorn"],
+        "does not exist": ["--size", "0.5b", "--animal", "owl"],
+        "malformed": ["--size", "0.5b", "--data", str(bad), "--out", str(tmp_path / "o1")],
+        "fewer than the 5": ["--size", "0.5b", "--data", str(good), "--pairs", "5", "--out", str(tmp_path / "o2")],
+    }
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for expect, args in cases.items():
+        result = cli([*args, *common])
+        assert result.exit_code == 2, (expect, result.output)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and expect in lines[0], (expect, lines)
+        assert "Traceback" not in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no runs/, no o1/, no o2/, no temp files
