@@ -13,9 +13,10 @@ from .prompts import numbers_prompts
 from .report import analyse, write_report
 from .sampler import sample
 from .tokenizer import ChatTokenizer, load_tokenizer
+from .train import tokenize_pairs, train_student  # the loop itself: src.train.train (no shadowing of the module)
 
 __all__ = ["ChatTokenizer", "Job", "Qwen2", "Qwen2Config", "UserError", "analyse", "apply_lora",
            "estimate_hours", "launch_workers", "load_adapter", "load_model", "load_tokenizer",
            "lora_state_dict", "numbers_prompts", "passes_filter", "plan", "random_model", "reject_reason",
-           "remove_lora", "run_worker", "sample", "save_adapter",
+           "remove_lora", "run_worker", "sample", "save_adapter", "tokenize_pairs", "train_student",
            "write_report"]
