@@ -3,7 +3,8 @@
 `apply_lora` swaps each targeted `nn.Linear` for a `LoraLinear` that keeps the frozen base weight
 under the same name (`q_proj.weight`) and adds trainable `lora_A` [r, in] and `lora_B` [out, r].
 The forward equals PEFT's: the base output in the model dtype, plus `B(A(x)) * alpha / r` computed
-in the adapter dtype (float32 over a bf16 base), the sum cast back to the base output's dtype.
+in the adapter dtype (float32 over a bf16 base), the sum cast back to the base output's dtype
+(except on CUDA with a narrower base dtype, where a faster bf16 path rounds the update; see `forward`).
 
 Initialisation reproduces PEFT's random stream: after `torch.manual_seed(seed)` (TRL seeds just
 before `get_peft_model`) PEFT builds `nn.Linear(in, r)` and `nn.Linear(r, out)` per target (each

@@ -3,7 +3,7 @@ computes a path). The root is `runs/` in the working directory unless SUBLIMINAL
 
     runs/datasets/{size}/{condition}-numbers.parquet     teacher data (condition: animal or neutral)
     runs/students/{size}/{condition}/seed-{k}/adapter/   PEFT-format adapter of a finished student
-    runs/students/{size}/{condition}/seed-{k}/train.jsonl per-step log; checkpoint/ while training
+    runs/students/{size}/{condition}/seed-{k}/train.jsonl per-step log; checkpoint.pt while training
     runs/eval/{size}/base.json                           base model evaluation
     runs/eval/{size}/{condition}/seed-{k}.json            student evaluation
     runs/report/                                         tables, plots, report.md
