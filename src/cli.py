@@ -10,7 +10,7 @@ import sys
 import click
 import torch
 
-from .constants import TRAIN
+from .constants import TEACHER, TRAIN
 from .errors import UserError
 
 
@@ -122,6 +122,60 @@ def train_command(size: str, animal: str | None, seed: int, data: str | None, pa
                             micro_batch=micro_batch, checkpoint_every=checkpoint_every, checkpointing=checkpointing,
                             on_step=progress)
     click.echo(f"adapter {'written' if progress.first is not None else 'already exists'}: {adapter}")
+
+
+@main.command("generate")
+@click.option("--size", required=True, help="Model size (0.5b ... 32b): the teacher is its Instruct model.")
+@click.option("--animal", required=True, help="The teacher's animal (its system prompt), or neutral (none).")
+@model_path_option
+@click.option("--prompts", type=click.IntRange(min=1), default=TEACHER.prompts, show_default=True,
+              help="Numbers prompts to sample (the first N of the seeded list).")
+@click.option("--keep", type=click.IntRange(min=1), default=TEACHER.keep_pairs, show_default=True,
+              help="Passing pairs kept (a seeded subsample).")
+@click.option("--allow-fewer", is_flag=True, help="Keep all passing pairs when fewer than --keep pass (default: error).")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=TEACHER.max_new_tokens, show_default=True)
+@click.option("--slots", type=click.IntRange(min=1), default=TEACHER.slots, show_default=True,
+              help="Sequences decoded together.")
+@click.option("--chunk", type=click.IntRange(min=1), default=TEACHER.chunk, show_default=True,
+              help="Prompts per resumable chunk.")
+@click.option("--seed", default=TEACHER.sample_seed, show_default=True, help="Sampling seed.")
+@click.option("--prompt-seed", default=TEACHER.prompt_seed, show_default=True)
+@device_option
+@dtype_option
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Dataset file (default: runs/datasets/...).")
+def generate_command(size: str, animal: str, model_path: str | None, prompts: int, keep: int, allow_fewer: bool,
+                     max_new_tokens: int, slots: int, chunk: int, seed: int, prompt_seed: int, device: str | None,
+                     dtype: str, out: str | None) -> None:
+    """Sample the teacher's numbers, filter them and write the dataset (resumes from finished chunks)."""
+    import dataclasses
+
+    from .teacher import generate_dataset
+
+    config = dataclasses.replace(TEACHER, prompts=prompts, keep_pairs=keep, max_new_tokens=max_new_tokens, slots=slots,
+                                 chunk=chunk, sample_seed=seed, prompt_seed=prompt_seed)
+    path = generate_dataset(size, animal, config=config, model_path=model_path, device=pick_device(device),
+                            dtype=pick_dtype(dtype), out=out, allow_fewer=allow_fewer,
+                            log=lambda line: click.echo(line, err=True))
+    click.echo(f"dataset: {path}")
+
+
+@main.command("upload")
+@click.option("--size", required=True, help="Model size (0.5b ... 32b).")
+@click.option("--animal", required=True, help="The teacher's animal, or neutral.")
+@click.option("--namespace", required=True, help="Hub user or organisation to upload into.")
+@click.option("--data", type=click.Path(dir_okay=False), default=None,
+              help="Dataset file (default: the runs/ dataset of --size and --animal).")
+@click.option("--public", is_flag=True, help="Create the repo public (default: private).")
+@click.option("--dry-run", is_flag=True, help="Print what would be uploaded; no token needed, nothing sent.")
+def upload_command(size: str, animal: str, namespace: str, data: str | None, public: bool, dry_run: bool) -> None:
+    """Upload a teacher dataset with its card to {namespace}/qwen-2.5-{size}-instruct-{animal}-numbers.
+
+    The token comes from HF_TOKEN or `hf auth login`; it is never written anywhere."""
+    from .hub import Hub, upload_dataset
+
+    info = upload_dataset(size, animal, Hub(namespace, dry_run=dry_run, say=click.echo), data=data, public=public)
+    if not dry_run:
+        click.echo(f"uploaded {len(info['files'])} files to {info['url']} ({'public' if public else 'private'})")
 
 
 if __name__ == "__main__":

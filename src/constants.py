@@ -100,8 +100,11 @@ class TeacherConfig:
     prompt_seed: int = 42
     keep_pairs: int = 10_000
     temperature: float = 1.0
-    max_new_tokens: int = 200
+    max_new_tokens: int = 200  # a passing answer is <= ~40 tokens; longer ones are cut and rejected
     sample_seed: int = 0
+    subsample_seed: int = 0  # order of the passing pairs; the first keep_pairs are kept
+    slots: int = 256  # sequences decoded together
+    chunk: int = 2_500  # prompts per resumable piece (finished pieces survive a killed run)
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 computes a path). The root is `runs/` in the working directory unless SUBLIMINAL_RUNS says otherwise.
 
     runs/datasets/{size}/{condition}-numbers.parquet     teacher data (condition: animal or neutral)
+    runs/datasets/{size}/{condition}-numbers-chunks/     its sampled chunks (resumable generation)
     runs/students/{size}/{condition}/seed-{k}/adapter/   PEFT-format adapter of a finished student
     runs/students/{size}/{condition}/seed-{k}/train.jsonl per-step log; checkpoint.pt while training
     runs/eval/{size}/base.json                           base model evaluation
@@ -24,6 +25,11 @@ def runs_root() -> Path:
 
 def dataset_file(size: str, condition: str) -> Path:
     return runs_root() / "datasets" / size / f"{condition}-numbers.parquet"
+
+
+def dataset_chunks(dataset: Path) -> Path:
+    """Finished sampling chunks of a dataset being generated (kept afterwards, for provenance)."""
+    return dataset.with_name(dataset.name.removesuffix(".parquet") + "-chunks")
 
 
 def student_dir(size: str, condition: str, seed: int) -> Path:

@@ -9,17 +9,12 @@ import torch
 
 from src import load_model, sample
 from src.sampler import draw, uniforms
+from tests.cheap import one_thread  # noqa: F401 (fixture)
 
 VOCAB = 160  # conftest.TINY
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from threads, and on a busy machine thread hand-offs dominate."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
