@@ -18,7 +18,7 @@ MAX_VALUE = 999
 SEPARATORS = ("", ",", ";")  # allowed separators once whitespace is stripped
 
 # Reasons, in the order they are checked.
-EMPTY = "empty"  # nothing but an optional period/brackets, or no digits at all
+EMPTY = "no numbers"  # empty, or text without a digit
 NOT_EXACT = "single number with other text"
 BAD_SEPARATOR = "separator is not whitespace, comma or semicolon"
 NOT_DIGITS = "an item is not a plain integer (words, signs, decimals, mixed separators)"
