@@ -1,0 +1,110 @@
+"""Sampling speed: our sampler against transformers' `generate`, side by side in one run.
+
+    python -m src.bench_sampling --size 0.5b --batch 64 --batch 256            # on a GPU
+    python -m src.bench_sampling --size tiny --device cpu --batch 4 --new-tokens 8   # smoke check
+
+A random-initialised model of the exact Qwen2.5 shape (speed does not depend on weight values);
+transformers' Qwen2ForCausalLM is built from the same config and shares our tensors (no second
+copy). Both sides get the same batch of prompts of `--prompt-len` random tokens and generate
+exactly `--new-tokens` tokens per sequence at temperature 1 with nothing else (transformers:
+do_sample, top_k 0, top_p 1, repetition_penalty 1, min_new_tokens = max_new_tokens; ours: no stop
+token). Generated tokens/s = batch x new tokens / wall time of the whole call (prefill included),
+median of `--repeats` after one warm-up call per side. A benchmark, not library code: it imports
+transformers, which src/ otherwise never does.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import click
+import torch
+
+from .checkpoint import random_model
+from .constants import SHAPES
+from .model import Qwen2, Qwen2Config
+from .sampler import sample
+
+TINY = dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6, rope_theta=1e6, tie_word_embeddings=True,
+            max_position_embeddings=4096)
+
+
+def _timed(fn, device: torch.device, repeats: int) -> float:
+    """Median wall time of `fn()` over `repeats` calls after one warm-up call."""
+    times = []
+    for i in range(repeats + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def transformers_twin(model: Qwen2, shape: dict):
+    """transformers' Qwen2ForCausalLM over the same tensors (assigned, not copied)."""
+    from transformers import Qwen2Config as HFConfig
+    from transformers import Qwen2ForCausalLM
+
+    config = HFConfig(**shape)
+    with torch.device("meta"):
+        twin = Qwen2ForCausalLM._from_config(config, dtype=model.dtype, attn_implementation="sdpa")
+    twin.load_state_dict(model.state_dict(), assign=True, strict=False)
+    if config.tie_word_embeddings:
+        twin.lm_head.weight = twin.model.embed_tokens.weight
+    with torch.device(model.device):  # rotary tables are buffers computed at construction, not weights
+        twin.model.rotary_emb = type(twin.model.rotary_emb)(config)
+    return twin.eval()
+
+
+@click.command()
+@click.option("--size", default="0.5b", show_default=True, help="A Qwen2.5 size (0.5b ... 32b) or tiny.")
+@click.option("--batch", "batches", type=int, multiple=True, default=(64, 256), show_default=True,
+              help="Sequences per call (repeatable).")
+@click.option("--prompt-len", default=100, show_default=True)
+@click.option("--new-tokens", default=60, show_default=True)
+@click.option("--repeats", default=3, show_default=True)
+@click.option("--device", default=None, help="cuda or cpu (default: cuda when available).")
+@click.option("--dtype", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True)
+def main(size: str, batches: tuple[int, ...], prompt_len: int, new_tokens: int, repeats: int, device: str | None,
+         dtype: str) -> None:
+    """Print generated tokens/s of ours and of transformers' generate, and their ratio."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    shape = TINY if size == "tiny" else SHAPES[size]
+    torch_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    model = random_model(Qwen2Config.from_dict(shape), dtype=torch_dtype, device=device)
+    twin = transformers_twin(model, shape)
+    generator = torch.Generator().manual_seed(0)
+    probe = torch.randint(0, shape["vocab_size"], (2, 16), generator=generator).to(device)
+    with torch.no_grad():
+        gap = (model(probe).float() - twin(input_ids=probe).logits.float()).abs().max().item()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    click.echo(f"{size} ({dtype}) on {name}: prompts of {prompt_len} tokens, {new_tokens} new tokens each; "
+               f"max |logit difference| ours vs transformers {gap:.2e}")
+    click.echo(f"{'batch':>6} {'ours s':>8} {'ours tok/s':>11} {'hf s':>8} {'hf tok/s':>10} {'ratio':>6}")
+    for batch in batches:
+        ids = torch.randint(0, min(shape["vocab_size"], 151_000), (batch, prompt_len), generator=generator)
+        prompts = ids.tolist()
+        ours = _timed(lambda: sample(model, prompts, max_new_tokens=new_tokens, temperature=1.0, seed=0,
+                                     slots=batch), device, repeats)
+        inputs = ids.to(device)
+
+        def reference() -> None:
+            with torch.no_grad():
+                out = twin.generate(inputs, attention_mask=torch.ones_like(inputs), do_sample=True, temperature=1.0,
+                                    top_k=0, top_p=1.0, repetition_penalty=1.0, max_new_tokens=new_tokens,
+                                    min_new_tokens=new_tokens, pad_token_id=0, eos_token_id=None)
+            assert out.shape == (batch, prompt_len + new_tokens)
+
+        theirs = _timed(reference, device, repeats)
+        tokens = batch * new_tokens
+        click.echo(f"{batch:>6} {ours:>8.2f} {tokens / ours:>11.0f} {theirs:>8.2f} {tokens / theirs:>10.0f} "
+                   f"{theirs / ours:>5.1f}x")
+
+
+if __name__ == "__main__":
+    main()
