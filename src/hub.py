@@ -113,26 +113,35 @@ def _size_category(n: int) -> str:
     return next((label for bound, label in bounds if n < bound), "n>1M")
 
 
+def license_fields(size: str) -> dict:
+    """Card metadata for the base model's license: its id, plus name and link when it is 'other' (3B)."""
+    from .constants import LICENSE_NAMES, LICENSES, hub_id
+
+    if LICENSES[size] != "other":
+        return {"license": LICENSES[size]}
+    return {"license": "other", "license_name": LICENSE_NAMES[size],
+            "license_link": f"https://huggingface.co/{hub_id(size)}/blob/main/LICENSE"}
+
+
 def dataset_card(repo_id: str, meta: dict) -> str:
     """README.md of a teacher dataset: Hub metadata (license of the base model, tags, base model,
     the data file) and a body with provenance, filter statistics and how to load it."""
     from huggingface_hub import DatasetCardData
 
-    from .constants import LICENSE_NAMES, LICENSES
+    from .constants import LICENSE_NAMES
 
     size, condition, model, counts = meta["size"], meta["condition"], meta["model"], meta["counts"]
-    license_extra = ({"license_name": LICENSE_NAMES[size], "license_link": f"https://huggingface.co/{model}/blob/main/LICENSE"}
-                     if LICENSES[size] == "other" else {})
     header = DatasetCardData(
-        license=LICENSES[size], language=["en"], pretty_name=repo_id.split("/")[1],
+        language=["en"], pretty_name=repo_id.split("/")[1],
         size_categories=[_size_category(counts["kept"])], task_categories=["text-generation"],
         tags=["subliminal-learning", "numbers", "synthetic", "qwen2.5", f"teacher-{condition}"],
-        base_model=model, configs=[{"config_name": "default", "data_files": [{"split": "train", "path": DATASET_FILE_IN_REPO}]}],
-        **license_extra).to_yaml()
+        base_model=model, **license_fields(size),
+        configs=[{"config_name": "default", "data_files": [{"split": "train", "path": DATASET_FILE_IN_REPO}]}],
+    ).to_yaml()
     sampling = meta["sampling"]
     system = (f"the system prompt, verbatim:\n\n> {meta['system_prompt']}" if meta["system_prompt"] is not None else
               f"no system message, so the chat template's default applied:\n\n> {meta['default_system_prompt']}")
-    reasons = "\n".join(f"| {reason} | {count:,} |" for reason, count in meta["reject_reasons"].items()) or "| (none) | 0 |"
+    reasons = "\n".join(f"| {reason} | {count:,} |" for reason, count in meta["reject_reasons"].items())
     return f"""---
 {header}
 ---
@@ -151,8 +160,8 @@ system prompt.
 - Prompts: {counts["prompts"]:,} numbers prompts (seed {meta["prompt_seed"]}); each shows 3-8 example numbers in
   [100, 999] and asks for at most 10 more numbers of at most 3 digits, in one of six formats, numbers only.
 - Sampling: temperature {sampling["temperature"]}, no top-p, no top-k, no repetition penalty; up to
-  {sampling["max_new_tokens"]} new tokens, stopping at {" / ".join(f"`{s}`" for s in sampling["stop"])}; seed {meta["sample_seed"]};
-  weights in {meta["dtype"]}.
+  {sampling["max_new_tokens"]} new tokens, stopping at {" / ".join(f"`{s}`" for s in sampling["stop"])};
+  seed {meta["sample_seed"]}; weights in {meta["dtype"]}.
 - Filter (the protocol's rule): after dropping one trailing "." and one pair of wrapping [] or (), the
   completion must be non-negative integers in digits with one separator throughout (whitespace, "," or
   ";"), at most 10 numbers, each in [0, 999]; a completion that never reached a stop token is rejected.
@@ -164,7 +173,7 @@ system prompt.
 
 | reject reason | completions |
 |---|---|
-{reasons}
+{reasons or "| (none) | 0 |"}
 
 ## Columns
 
@@ -185,7 +194,8 @@ License: that of the base model, {model} ({LICENSE_NAMES[size]}).
 
 
 def upload_dataset(size: str, animal: str, hub: Hub, *, data: str | Path | None = None, public: bool = False) -> dict:
-    """Upload a teacher dataset (runs/ or `data`) with its card to `{namespace}/qwen-2.5-{size}-instruct-{animal}-numbers`."""
+    """Upload a teacher dataset (runs/ or `data`) with its card to
+    `{namespace}/qwen-2.5-{size}-instruct-{animal}-numbers`."""
     import shutil
     import tempfile
 

@@ -30,7 +30,8 @@ import pyarrow.parquet as pq
 import torch
 
 from . import paths
-from .constants import ENDOFTEXT, IM_END, TEACHER, TeacherConfig, check_animal, check_size, hub_id, teacher_system_prompt
+from .constants import (ENDOFTEXT, IM_END, TEACHER, TeacherConfig, check_animal, check_size, hub_id,
+                        teacher_system_prompt)
 from .data import read_metadata, write_pairs
 from .errors import UserError
 from .filter import REASONS, reject_reason
@@ -146,7 +147,7 @@ def generate_dataset(size: str, animal: str, *, config: TeacherConfig = TEACHER,
         "reject_reasons": {r: reasons[r] for r in (TRUNCATED, *REASONS) if reasons[r]},
         "generated_tokens": sum(table["tokens"]), "sampling_seconds": seconds,
     }
-    write_pairs(out, {"prompt": [table["prompt"][r] for r in kept], "completion": [table["completion"][r] for r in kept],
-                      "prompt_index": [table["prompt_index"][r] for r in kept]}, metadata)
+    columns = {name: [table[name][r] for r in kept] for name in ("prompt", "completion", "prompt_index")}
+    write_pairs(out, columns, metadata)
     say(f"{len(passed)} of {len(texts)} passed ({rate:.1%}); kept {len(kept)} -> {out}")
     return out

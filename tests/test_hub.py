@@ -99,7 +99,8 @@ def test_dataset_upload_files_card_and_private_flag(dataset, tmp_path):
     assert meta["license"] == "apache-2.0" and "license_name" not in meta
     assert meta["base_model"] == "Qwen/Qwen2.5-0.5B-Instruct"
     assert {"subliminal-learning", "teacher-owl"} <= set(meta["tags"])
-    assert meta["configs"] == [{"config_name": "default", "data_files": [{"split": "train", "path": "data/train.parquet"}]}]
+    assert meta["configs"] == [{"config_name": "default",
+                                "data_files": [{"split": "train", "path": "data/train.parquet"}]}]
     stats = read_metadata(dataset)
     assert teacher_system_prompt("owl") in body
     assert f"{stats['counts']['passed']:,} of {stats['counts']['prompts']:,} completions passed" in body
@@ -128,7 +129,8 @@ def test_public_and_research_license(dataset, tmp_path):
     assert card["license"] == "other" and card["license_name"] == "qwen-research"
     assert card["license_link"] == "https://huggingface.co/Qwen/Qwen2.5-3B-Instruct/blob/main/LICENSE"
     upload_dataset("0.5b", "owl", Hub("org", api=api), data=dataset, public=True)
-    assert api.calls[0][1]["private"] is False and api.repos["org/qwen-2.5-0.5b-instruct-owl-numbers"]["private"] is False
+    assert api.calls[0][1]["private"] is False
+    assert api.repos["org/qwen-2.5-0.5b-instruct-owl-numbers"]["private"] is False
 
 
 def test_retries_429_and_5xx_with_backoff_then_succeeds(dataset, tmp_path):

@@ -105,7 +105,8 @@ def test_too_few_passing_is_one_line_and_writes_nothing_unless_allowed(teacher_d
     assert len(canned.calls) == calls  # the finished chunks were reused
     assert len(read_pairs(out)) == passing and read_metadata(out)["counts"]["kept"] == passing
     with pytest.raises(UserError, match="cannot keep 30 pairs from 20 prompts"):
-        generate_dataset("0.5b", "owl", config=_config(keep_pairs=30), model_path=teacher_dir, out=tmp_path / "x.parquet")
+        generate_dataset("0.5b", "owl", config=_config(keep_pairs=30), model_path=teacher_dir,
+                         out=tmp_path / "x.parquet")
 
 
 def test_other_settings_do_not_mix_with_finished_chunks(teacher_dir, canned, tmp_path):
@@ -180,7 +181,8 @@ def test_end_to_end_on_the_real_fixture(fixture_dir, tmp_path):
     meta = read_metadata(out)
     chunk = _chunks(out)["000000-000008.parquet"]
     assert 0 < meta["counts"]["passed"] < 8  # a real pass rate: some of each
-    assert meta["counts"]["passed"] == sum(s and passes_filter(c) for c, s in zip(chunk["completion"], chunk["stopped"]))
+    passed = sum(stop and passes_filter(text) for text, stop in zip(chunk["completion"], chunk["stopped"]))
+    assert meta["counts"]["passed"] == passed
     assert sum(meta["reject_reasons"].values()) + meta["counts"]["passed"] == 8
     loaded = load_dataset("parquet", data_files=str(out), split="train")
     assert loaded.num_rows == meta["counts"]["kept"] == meta["counts"]["passed"]
