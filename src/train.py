@@ -36,11 +36,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import paths
 from .attention import Packed
+from .checkpoint import load_model
 from .constants import TRAIN, TrainConfig, check_animal, check_size, hub_id
+from .data import read_pairs
 from .errors import UserError
 from .lora import apply_lora, is_adapter, lora_parameters, lora_state_dict, save_adapter
 from .model import Qwen2
+from .tokenizer import ChatTokenizer, load_tokenizer
 
 TokenPair = tuple[list[int], list[int]]  # (prompt ids, completion ids)
 LOG_FILE = "train.jsonl"
@@ -48,7 +52,7 @@ CHECKPOINT_FILE = "checkpoint.pt"
 LOGIT_CHUNK = 2048  # LM-head rows per chunk: bounds the float32 [rows, vocab] buffers (~1.2 GB each at 152k)
 
 
-def tokenize_pairs(tokenizer, pairs: Sequence[tuple[str, str]]) -> list[TokenPair]:
+def tokenize_pairs(tokenizer: ChatTokenizer, pairs: Sequence[tuple[str, str]]) -> list[TokenPair]:
     """What the student sees: the user prompt under the template's default system prompt (never the
     teacher's), then the completion, split where TRL splits them."""
     return [tokenizer.encode_pair(prompt, completion) for prompt, completion in pairs]
@@ -340,11 +344,6 @@ def train_student(size: str, animal: str | None, seed: int = 0, *, data: str | P
     the log and checkpoint go to the student folder (or `<out>-training/`). Every input problem is
     raised before anything is written.
     """
-    from .checkpoint import load_model
-    from .data import read_pairs
-    from .paths import adapter_dir, dataset_file, student_dir
-    from .tokenizer import load_tokenizer
-
     size = check_size(size)
     if animal is not None:
         animal = check_animal(animal)
@@ -352,9 +351,9 @@ def train_student(size: str, animal: str | None, seed: int = 0, *, data: str | P
         raise UserError("--animal is needed to find the dataset and the adapter's folder in runs/ "
                         "(or give both --data and --out)")
     if data is None:
-        data, pairs = dataset_file(size, animal), pairs or config.pairs
+        data, pairs = paths.dataset_file(size, animal), pairs or config.pairs
     if out is None:
-        out, work = adapter_dir(size, animal, seed), student_dir(size, animal, seed)
+        out, work = paths.adapter_dir(size, animal, seed), paths.student_dir(size, animal, seed)
     else:
         out = Path(out)
         work = out.with_name(f"{out.name}-training")
