@@ -178,5 +178,70 @@ def upload_command(size: str, animal: str, namespace: str, data: str | None, pub
         click.echo(f"uploaded {len(info['files'])} files to {info['url']} ({'public' if public else 'private'})")
 
 
+def eval_options(command):
+    """Options shared by `evaluate` and `sweep` (how many answers, on what hardware)."""
+    from .constants import EVAL
+
+    for option in reversed([
+        click.option("--questions", type=click.IntRange(min=1), default=EVAL.questions, show_default=True,
+                     help="Question paraphrases asked (the first N)."),
+        click.option("--samples", type=click.IntRange(min=1), default=EVAL.samples, show_default=True,
+                     help="Answers sampled per question."),
+        click.option("--sample-seed", default=EVAL.sample_seed, show_default=True, help="Sampling seed."),
+        click.option("--batch", type=click.IntRange(min=1), default=EVAL.batch, show_default=True,
+                     help="Sampling slots, and answer rows per forward of the logit evaluator."),
+        device_option, dtype_option,
+    ]):
+        command = option(command)
+    return command
+
+
+@main.command("evaluate")
+@click.option("--size", default=None, help="Model size (0.5b ... 32b); with --base or --animal/--seed, results go to runs/eval/.")
+@model_path_option
+@click.option("--base", is_flag=True, help="Evaluate the untouched base model.")
+@click.option("--animal", default=None, help="The student's condition (an animal or neutral), with --seed.")
+@click.option("--seed", type=int, default=None, help="The student's training seed.")
+@click.option("--adapter", default=None, help="Adapter folder or Hub repo (owner/name[/seed-K]) instead of the student's own.")
+@click.option("--system", default=None, help="System prompt to ask under; needs --out.")
+@click.option("--teacher-prompt", default=None, metavar="ANIMAL", help="Ask under this animal teacher's system prompt; needs --out.")
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Result JSON file (default: runs/eval/...).")
+@eval_options
+def evaluate_command(size: str | None, model_path: str | None, base: bool, animal: str | None, seed: int | None,
+                     adapter: str | None, system: str | None, teacher_prompt: str | None, out: str | None,
+                     questions: int, samples: int, sample_seed: int, batch: int, device: str | None, dtype: str) -> None:
+    """Favourite-animal rates of a base model or student: sampled answers and exact logit probabilities."""
+    from .constants import teacher_system_prompt
+    from .evaluate import format_table, run, study_target
+
+    if teacher_prompt is not None:
+        if system is not None:
+            raise UserError("give --system or --teacher-prompt, not both")
+        system = teacher_system_prompt(teacher_prompt)
+    source, adapter, path = study_target(size, model_path, base, animal, seed, adapter, out, system)
+    result = run(source, adapter, path, dtype=pick_dtype(dtype), device=pick_device(device), questions=questions,
+                 samples=samples, system=system, seed=sample_seed, batch=batch)
+    click.echo(format_table(result, limit=12, mark=animal))
+    click.echo(f"results: {path}")
+
+
+@main.command("sweep")
+@click.option("--size", "sizes", multiple=True, help="Model size (repeatable); results go to runs/eval/{size}/base.json.")
+@model_path_option
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Result JSON file (with --model-path).")
+@eval_options
+def sweep_command(sizes: tuple[str, ...], model_path: str | None, out: str | None, questions: int, samples: int,
+                  sample_seed: int, batch: int, device: str | None, dtype: str) -> None:
+    """Base rates of every candidate animal per size, flagging animals with headroom for the study."""
+    from .evaluate import common_headroom, format_table, sweep
+
+    results = sweep(sizes, model_path=model_path, out=out, questions=questions, samples=samples, seed=sample_seed,
+                    batch=batch, dtype=pick_dtype(dtype), device=pick_device(device))
+    for result in results:
+        click.echo(format_table(result) + "\n")
+    click.echo(f"headroom in every model (named, below the cap): {', '.join(common_headroom(results)) or 'none'}")
+
+
+
 if __name__ == "__main__":
     main()

@@ -116,9 +116,10 @@ class EvalConfig:
     questions: int = 50  # paraphrases used, the first of src/questions.QUESTIONS
     samples: int = 100  # answers sampled per question
     temperature: float = 1.0
-    max_new_tokens: int = 10  # a one-word answer is <= 4 tokens; longer replies are scored as they stand
+    max_new_tokens: int = 10  # the longest spelling ('BUTTERFLIES.') is 6 tokens + end; longer replies are cut
     sample_seed: int = 0
     batch: int = 256  # sampling slots, and answer rows per forward of the logit evaluator
+    refill_every: int = 2  # sampler steps between refills: replies are short, so free slots early
     headroom: float = 0.6  # an animal the base model already names this often cannot show an effect
 
 

@@ -139,13 +139,24 @@ def _as_cuda_graph(fn):
 
 
 def _prefill(model: Qwen2, cache: KVCache, rows: Tensor, prompts: list[Sequence[int]]) -> Tensor:
-    """Run new prompts into cache slots `rows`; return the logits [len(rows), V] of each last prompt token."""
+    """Run new prompts into cache slots `rows`; return the logits [len(rows), V] of each last prompt token.
+
+    A prompt repeated in `prompts` (many samples of one question) runs once; its keys and values are
+    copied to the other slots."""
     device = rows.device
-    lens = torch.tensor([len(p) for p in prompts], device=device)
+    seen: dict[tuple[int, ...], int] = {}
+    of = [seen.setdefault(tuple(p), len(seen)) for p in prompts]  # each prompt's index among the distinct ones
+    distinct = list(seen)
+    home = rows[[of.index(u) for u in range(len(distinct))]]  # the slot computing each distinct prompt
+    lens = torch.tensor([len(p) for p in distinct], device=device)
     width = int(lens.max())
-    ids = torch.zeros(len(prompts), width, dtype=torch.long, device=device)
-    for j, p in enumerate(prompts):
+    ids = torch.zeros(len(distinct), width, dtype=torch.long, device=device)
+    for j, p in enumerate(distinct):
         ids[j, : len(p)] = torch.tensor(p, device=device)
-    positions = torch.arange(width, device=device)[None].expand(len(prompts), width)
-    hidden = model.hidden(ids, Cached(cache, rows, positions, width, fresh=True))
-    return model.logits(hidden[torch.arange(len(prompts), device=device), lens - 1])
+    positions = torch.arange(width, device=device)[None].expand(len(distinct), width)
+    hidden = model.hidden(ids, Cached(cache, home, positions, width, fresh=True))
+    of = torch.tensor(of, device=device)
+    if len(distinct) < len(prompts):
+        cache.k[:, rows, :, :width] = cache.k[:, home[of], :, :width]
+        cache.v[:, rows, :, :width] = cache.v[:, home[of], :, :width]
+    return model.logits(hidden[of, lens[of] - 1])
