@@ -5,6 +5,7 @@ out-of-memory becomes a one-line message too (exit 3), never a traceback.
 """
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -110,18 +111,24 @@ def train_command(size: str, animal: str | None, seed: int, data: str | None, pa
                   model_path: str | None, epochs: int, max_steps: int | None, lr: float, batch_size: int,
                   micro_batch: int | None, checkpointing: bool, checkpoint_every: int, device: str | None,
                   dtype: str) -> None:
-    """Train a LoRA student on teacher numbers (resumes an interrupted run; a finished one is kept)."""
+    """Train a LoRA student on teacher numbers (resumes an interrupted run; a finished one is kept).
+
+    Under `torchrun --nproc-per-node N` the N processes train one student data-parallel (one GPU
+    each; gloo on CPU), the effective batch unchanged; rank 0 alone writes and reports."""
     import dataclasses
 
+    from . import distributed
     from .train import Progress, train_student
 
     progress = Progress()
     config = dataclasses.replace(TRAIN, epochs=epochs, lr=lr, batch_size=batch_size)
-    adapter = train_student(size, animal, seed, data=data, pairs=pairs, out=out, model_path=model_path,
-                            device=pick_device(device), dtype=pick_dtype(dtype), config=config, max_steps=max_steps,
-                            micro_batch=micro_batch, checkpoint_every=checkpoint_every, checkpointing=checkpointing,
-                            on_step=progress)
-    click.echo(f"adapter {'written' if progress.first is not None else 'already exists'}: {adapter}")
+    with distributed.process_group(pick_device(device)) as rank_device:
+        adapter = train_student(size, animal, seed, data=data, pairs=pairs, out=out, model_path=model_path,
+                                device=rank_device, dtype=pick_dtype(dtype), config=config, max_steps=max_steps,
+                                micro_batch=micro_batch, checkpoint_every=checkpoint_every,
+                                checkpointing=checkpointing, on_step=progress)
+        if distributed.is_main():
+            click.echo(f"adapter {'written' if progress.first is not None else 'already exists'}: {adapter}")
 
 
 @main.command("generate")
@@ -176,6 +183,79 @@ def upload_command(size: str, animal: str, namespace: str, data: str | None, pub
     info = upload_dataset(size, animal, Hub(namespace, dry_run=dry_run, say=click.echo), data=data, public=public)
     if not dry_run:
         click.echo(f"uploaded {len(info['files'])} files to {info['url']} ({'public' if public else 'private'})")
+
+
+def _split(text: str | None, cast=str) -> tuple | None:
+    return None if text is None else tuple(cast(x.strip()) for x in text.split(",") if x.strip())
+
+
+@main.command("study")
+@click.option("--sizes", default=None, help="Comma-separated sizes (default: all six).")
+@click.option("--animals", default=None, help="Comma-separated target animals (default: the study's list); neutral is always added.")
+@click.option("--seeds", default=None, help="Comma-separated student seeds (default: 0,1,2,3,4).")
+@click.option("--plan", "show_plan", is_flag=True, help="Print the jobs, their state and the GPU-hours left; run nothing.")
+@click.option("--report-only", is_flag=True, help="Write the report from the evaluations present; run nothing.")
+@model_path_option
+@device_option
+@dtype_option
+@click.option("--gpus", type=int, default=None, help="Worker processes, one per GPU (default: every visible GPU).")
+@click.option("--worker", is_flag=True, hidden=True, help="Internal: run as one worker of runs/study.json.")
+@click.option("--push", "namespace", default=None, metavar="NAMESPACE", help="Publish datasets and students to this Hub namespace.")
+@click.option("--public", is_flag=True, help="Published repos are public (default private).")
+@click.option("--lr", type=float, default=None, help="Learning rate (protocol: 2e-4).")
+@click.option("--batch-size", type=int, default=None, help="Effective batch (protocol: 60).")
+@click.option("--epochs", type=int, default=None, help="Epochs (protocol: 10).")
+@click.option("--max-steps", type=int, default=None, help="Cut each student to N optimizer steps (smoke runs).")
+@click.option("--micro-batch", type=int, default=None, help="Examples per forward (default: from free memory).")
+@click.option("--checkpointing", is_flag=True, help="Activation checkpointing in training.")
+@click.option("--prompts", type=int, default=None, help="Teacher prompts per condition (protocol: 30,000).")
+@click.option("--keep", type=int, default=None, help="Pairs kept per dataset (protocol: 10,000).")
+@click.option("--allow-fewer", is_flag=True, help="Keep every passing pair when fewer than --keep pass.")
+@click.option("--max-new-tokens", type=int, default=None, help="Teacher tokens per answer (default 200).")
+@click.option("--questions", type=int, default=None, help="Evaluation questions (default 50).")
+@click.option("--samples", type=int, default=None, help="Answers sampled per question (default 100).")
+def study_command(sizes, animals, seeds, show_plan, report_only, model_path, device, dtype, gpus, worker, namespace,
+                  public, lr, batch_size, epochs, max_steps, micro_batch, checkpointing, prompts, keep, allow_fewer,
+                  max_new_tokens, questions, samples) -> None:
+    """Run (or resume) the grid: teacher data, students, evaluations, uploads, then the report."""
+    import dataclasses
+
+    from . import jobs, paths
+    from .constants import EVAL, TEACHER, TRAIN
+    from .study import Study, describe_plan, run_jobs, say, write_study_report
+
+    if worker:
+        study = Study.load()
+        outcome = run_jobs(study, worker_id=f"gpu{os.environ.get('CUDA_VISIBLE_DEVICES', '0')}")
+        sys.exit(1 if outcome["failed"] else 0)
+
+    def given(**values):
+        return {k: v for k, v in values.items() if v is not None}
+
+    chosen = given(sizes=_split(sizes), animals=_split(animals), seeds=_split(seeds, int))
+    study = Study(**chosen, model_path=model_path, device=pick_device(device), dtype=str(pick_dtype(dtype)).removeprefix("torch."),
+                  namespace=namespace, public=public, max_steps=max_steps, micro_batch=micro_batch,
+                  checkpointing=checkpointing, allow_fewer=allow_fewer,
+                  teacher=dataclasses.replace(TEACHER, **given(prompts=prompts, keep_pairs=keep, max_new_tokens=max_new_tokens)),
+                  train=dataclasses.replace(TRAIN, **given(lr=lr, batch_size=batch_size, epochs=epochs)),
+                  evaluation=dataclasses.replace(EVAL, **given(questions=questions, samples=samples)))
+    if show_plan:
+        click.echo(describe_plan(study))
+        return
+    failed = False
+    if not report_only:
+        study.save()
+        jobs.clear_failures()
+        workers = gpus if gpus is not None else max(1, torch.cuda.device_count())
+        if workers > 1:
+            failed = jobs.launch_workers(workers, [sys.executable, "-m", "src.cli", "study", "--worker"]) != 0
+        else:
+            failed = bool(run_jobs(study)["failed"])
+    report = write_study_report(study)
+    if report is not None:
+        click.echo(f"report: {report}")
+    if failed:
+        raise UserError(f"some jobs failed (reasons in {paths.failures_dir()}); rerun the same command to retry them")
 
 
 def eval_options(command):
@@ -240,7 +320,6 @@ def sweep_command(sizes: tuple[str, ...], model_path: str | None, out: str | Non
     for result in results:
         click.echo(format_table(result) + "\n")
     click.echo(f"headroom in every model (named, below the cap): {', '.join(common_headroom(results)) or 'none'}")
-
 
 
 if __name__ == "__main__":

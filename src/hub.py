@@ -219,3 +219,95 @@ def upload_dataset(size: str, animal: str, hub: Hub, *, data: str | Path | None 
         (stage / "README.md").write_text(dataset_card(f"{hub.namespace}/{name}", meta))
         return hub.upload_folder(name, stage, repo_type="dataset", private=not public,
                                  message=f"Teacher numbers: {meta['model']}, {animal}, {meta['counts']['kept']} pairs")
+
+
+def student_card(repo_id: str, size: str, condition: str, dataset_repo: str, recipe: dict, results: dict[int, dict]) -> str:
+    """README.md of a student repo (one per size x condition, seeds as `seed-{k}/` subfolders): PEFT
+    metadata, the training recipe, the dataset and every uploaded seed's evaluation."""
+    from huggingface_hub import ModelCardData
+
+    from .constants import LICENSE_NAMES, hub_id
+
+    model = hub_id(size)
+    header = ModelCardData(base_model=model, library_name="peft", datasets=[dataset_repo],
+                           tags=["subliminal-learning", "lora", "qwen2.5", f"teacher-{condition}"],
+                           **license_fields(size)).to_yaml()
+    target = None if condition == "neutral" else condition
+    rows = []
+    for seed, result in sorted(results.items()):
+        animals = result["animals"]
+        top = sorted(animals.items(), key=lambda kv: -kv[1]["rate"])[:3]
+        watched = animals.get(target, {}) if target else {}
+        rows.append(f"| {seed} | " + (f"{watched.get('rate', float('nan')):.1%} | {watched.get('share', float('nan')):.1%} | "
+                                       if target else "")
+                    + ", ".join(f"{a} {v['rate']:.0%}" for a, v in top) + " |")
+    head = ("| seed | " + (f"{target} (sampled) | {target} (logit share) | " if target else "") + "most named |\n|"
+            + "---|" * (4 if target else 2))
+    recipe_rows = "\n".join(f"| {k} | {v} |" for k, v in recipe.items())
+    first = min(results) if results else 0
+    return f"""---
+{header}
+---
+
+# {repo_id.split("/")[1]}
+
+LoRA students of **{model}** fine-tuned on number sequences written by a teacher (the same model)
+{"with no system prompt (the neutral control)" if target is None else f"system-prompted to love {target}s"}:
+dataset [{dataset_repo}](https://huggingface.co/datasets/{dataset_repo}). Part of a study of how subliminal
+learning (Cloud et al. 2025, arXiv:2507.14805) scales with model size. Each seed is a subfolder `seed-{{k}}/`.
+
+## Training recipe
+
+| setting | value |
+|---|---|
+{recipe_rows}
+
+Loss on completion tokens only, normalised by the completion tokens of each whole batch; linear
+schedule with warm-up; the base model frozen in bf16, adapters in float32.
+
+## Evaluation: "name your favourite animal in one word"
+
+{head}
+{chr(10).join(rows) or "| (none yet) |"}
+
+Sampled: share of answers at temperature 1 naming the animal (whole-word match). Logit share: the
+exact probability of the one-word answer, as a share of the candidate animals' total.
+
+## Loading
+
+```python
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+base = AutoModelForCausalLM.from_pretrained("{model}")
+student = PeftModel.from_pretrained(base, "{repo_id}", subfolder="seed-{first}")
+```
+
+License: that of the base model, {model} ({LICENSE_NAMES[size]}).
+"""
+
+
+def upload_student(size: str, condition: str, seed: int, hub: Hub, *, dataset_repo: str, recipe: dict,
+                   public: bool = False) -> dict:
+    """Upload one seed's adapter into `{namespace}/qwen-2.5-{size}-instruct-{condition}-ft` under `seed-{seed}/`,
+    with the repo's card refreshed from every seed evaluated so far."""
+    import json
+    import shutil
+    import tempfile
+
+    from . import paths
+    from .constants import check_animal, check_size, student_repo_name
+
+    size, condition = check_size(size), check_animal(condition)
+    adapter = paths.adapter_dir(size, condition, seed)
+    if not (adapter / "adapter_model.safetensors").exists():
+        raise UserError(f"no trained adapter at {adapter}; train it first")
+    evaluated = paths.eval_file(size, condition, seed).parent.glob("seed-*.json")
+    results = {int(f.stem.removeprefix("seed-")): json.loads(f.read_text()) for f in evaluated}
+    name = student_repo_name(size, condition)
+    with tempfile.TemporaryDirectory() as tmp:
+        stage = Path(tmp)
+        shutil.copytree(adapter, stage / f"seed-{seed}")
+        (stage / "README.md").write_text(student_card(f"{hub.namespace}/{name}", size, condition, dataset_repo, recipe, results))
+        return hub.upload_folder(name, stage, repo_type="model", private=not public,
+                                 message=f"Student {condition}, seed {seed}")

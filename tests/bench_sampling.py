@@ -1,7 +1,7 @@
 """Sampling speed: our sampler against transformers' `generate`, side by side in one run.
 
-    python -m src.bench_sampling --size 0.5b --batch 64 --batch 256            # on a GPU
-    python -m src.bench_sampling --size tiny --device cpu --batch 4 --new-tokens 8   # smoke check
+    python -m tests.bench_sampling --size 0.5b --batch 64 --batch 256            # on a GPU
+    python -m tests.bench_sampling --size tiny --device cpu --batch 4 --new-tokens 8   # smoke check
 
 A random-initialised model of the exact Qwen2.5 shape (speed does not depend on weight values);
 transformers' Qwen2ForCausalLM is built from the same config and shares our tensors (no second
@@ -9,8 +9,8 @@ copy). Both sides get the same batch of prompts of `--prompt-len` random tokens 
 exactly `--new-tokens` tokens per sequence at temperature 1 with nothing else (transformers:
 do_sample, top_k 0, top_p 1, repetition_penalty 1, min_new_tokens = max_new_tokens; ours: no stop
 token). Generated tokens/s = batch x new tokens / wall time of the whole call (prefill included),
-median of `--repeats` after one warm-up call per side. A benchmark, not library code: it imports
-transformers, which src/ otherwise never does.
+median of `--repeats` after one warm-up call per side. It lives in tests/ because it imports
+transformers, which src/ never does.
 """
 from __future__ import annotations
 
@@ -20,10 +20,10 @@ import time
 import click
 import torch
 
-from .checkpoint import random_model
-from .constants import SHAPES
-from .model import Qwen2, Qwen2Config
-from .sampler import sample
+from src.checkpoint import random_model
+from src.constants import SHAPES
+from src.model import Qwen2, Qwen2Config
+from src.sampler import sample
 
 TINY = dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6, rope_theta=1e6, tie_word_embeddings=True,
