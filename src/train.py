@@ -17,6 +17,12 @@ spot so no [tokens, vocab] tensor outlives its chunk.
 Resumable: a checkpoint (adapter, optimizer, schedule, step, RNG) is written atomically every
 `checkpoint_every` steps and at every epoch's end; the same call after a crash continues from it and
 ends with a bitwise-identical adapter (on CPU). An existing adapter folder means the run is done.
+Data-parallel (under torchrun, see src/distributed.py): every rank draws the same order and the same
+step batch; rank r takes the r-th contiguous part of it (counts as equal as can be; with micro-batches
+of its own), normalises by the WHOLE batch's completion tokens, and the LoRA gradients, losses and
+token counts are summed over ranks before clipping, so every rank takes the single-process update (up
+to float summation order) and stays in sync. The effective batch is unchanged. Only rank 0 writes the
+log, checkpoints and adapter; every rank loads a checkpoint, which may come from any number of ranks.
 """
 from __future__ import annotations
 
@@ -36,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import paths
+from . import distributed, paths
 from .attention import Packed
 from .checkpoint import load_model
 from .constants import TRAIN, TrainConfig, check_animal, check_size, hub_id
@@ -202,8 +208,8 @@ def train(model: Qwen2, examples: Sequence[TokenPair], adapter_dir: str | Path, 
     """Train a LoRA student on tokenised (prompt, completion) pairs; write its adapter to `adapter_dir`.
 
     `work_dir` holds the per-step log (train.jsonl) and the checkpoint while training. `on_step`
-    receives each step's log record (progress display). Returns the adapter folder; if it already
-    holds an adapter, nothing is done.
+    receives each step's log record (progress display; on the main rank only). Returns the adapter
+    folder; if it already holds an adapter, nothing is done. Data-parallel when a process group exists.
     """
     adapter_dir, work_dir = Path(adapter_dir), Path(work_dir)
     if is_adapter(adapter_dir):
@@ -214,7 +220,8 @@ def train(model: Qwen2, examples: Sequence[TokenPair], adapter_dir: str | Path, 
     n, batch = len(seqs), config.batch_size
     steps_per_epoch = math.ceil(n / batch)
     total = max_steps if max_steps is not None else config.epochs * steps_per_epoch
-    micro = micro_batch or auto_micro_batch(model, max(len(s.ids) for s in seqs), batch)
+    per_rank = math.ceil(batch / distributed.world())  # examples per process per step (all on one)
+    micro = micro_batch or auto_micro_batch(model, max(len(s.ids) for s in seqs), per_rank)
 
     apply_lora(model, config.lora_rank, config.lora_alpha, config.lora_targets, seed)
     params = lora_parameters(model)
@@ -223,23 +230,27 @@ def train(model: Qwen2, examples: Sequence[TokenPair], adapter_dir: str | Path, 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(config.warmup_steps, total))
     fingerprint = _fingerprint(seqs, seed, total, config, model)
 
-    work_dir.mkdir(parents=True, exist_ok=True)
+    main = distributed.is_main()
+    if main:
+        work_dir.mkdir(parents=True, exist_ok=True)
     checkpoint, log_path = work_dir / CHECKPOINT_FILE, work_dir / LOG_FILE
     start, elapsed = 0, 0.0
     if checkpoint.exists():
         start, elapsed = _load_checkpoint(checkpoint, fingerprint, model, optimizer, scheduler)
-    _restart_log(log_path, start)
+    if main:
+        _restart_log(log_path, start)
 
     def save_checkpoint(done: int) -> None:
         state = {"fingerprint": fingerprint, "step": done, "elapsed": elapsed,
                  "lora": {k: v.cpu() for k, v in lora_state_dict(model).items()},
                  "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 # the model's GPU only: asking the others would open a CUDA context on each from every rank
                  "rng": {"cpu": torch.get_rng_state(),
-                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
+                         "cuda": [torch.cuda.get_rng_state(model.device)] if model.device.type == "cuda" else []}}
         _write_atomically(checkpoint, lambda tmp: torch.save(state, tmp))
 
     device, order, order_epoch = model.device, [], -1
-    with log_path.open("a") as log:
+    with open(log_path if main else os.devnull, "a") as log:
         for step in range(start, total):
             began = time.perf_counter()
             epoch, k = divmod(step, steps_per_epoch)
@@ -249,13 +260,15 @@ def train(model: Qwen2, examples: Sequence[TokenPair], adapter_dir: str | Path, 
             normaliser = max(1, sum(s.targets for s in chosen))
             step_loss = torch.zeros((), dtype=torch.float64, device=device)
             tokens = 0
-            for m in range(0, len(chosen), micro):
-                mb = pack(chosen[m: m + micro], device)
+            mine = distributed.share(chosen)
+            for m in range(0, len(mine), micro):
+                mb = pack(mine[m: m + micro], device)
                 hidden = model.hidden(mb.ids, mb.layout)[0, mb.select]
                 loss = completion_loss(model, hidden, mb.targets, normaliser, logit_chunk)
                 loss.backward()
                 step_loss += loss.detach()
                 tokens += mb.tokens
+            step_loss, tokens = _sum_over_ranks(params, step_loss, tokens)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
@@ -269,13 +282,28 @@ def train(model: Qwen2, examples: Sequence[TokenPair], adapter_dir: str | Path, 
             log.write(json.dumps(record) + "\n")
             log.flush()
             done = step + 1
-            if done < total and (done % checkpoint_every == 0 or done % steps_per_epoch == 0):
+            if main and done < total and (done % checkpoint_every == 0 or done % steps_per_epoch == 0):
                 save_checkpoint(done)
-            if on_step is not None:
+            if main and on_step is not None:
                 on_step(record | {"total_steps": total})
-    save_adapter(model, adapter_dir, base_model_name_or_path)
-    checkpoint.unlink(missing_ok=True)
+    if main:
+        save_adapter(model, adapter_dir, base_model_name_or_path)
+        checkpoint.unlink(missing_ok=True)
+    distributed.barrier()  # the others return once the adapter exists
     return adapter_dir
+
+
+def _sum_over_ranks(params: list[torch.nn.Parameter], step_loss: Tensor, tokens: int) -> tuple[Tensor, int]:
+    """The whole batch's gradient, loss and token count from the ranks' parts (one rank: as they are)."""
+    if distributed.world() == 1:
+        return step_loss, tokens
+    for p in params:
+        if p.grad is None:  # this rank's part of the step was empty
+            p.grad = torch.zeros_like(p)
+    distributed.all_reduce_sum([p.grad for p in params])
+    totals = torch.stack([step_loss, torch.tensor(float(tokens), dtype=step_loss.dtype, device=step_loss.device)])
+    distributed.all_reduce_sum([totals])
+    return totals[0], int(totals[1].item())
 
 
 def _load_checkpoint(path: Path, fingerprint: dict, model: Qwen2, optimizer: torch.optim.Optimizer,
@@ -295,8 +323,8 @@ def _load_checkpoint(path: Path, fingerprint: dict, model: Qwen2, optimizer: tor
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"]["cpu"].cpu())
-    if state["rng"]["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
+    if state["rng"]["cuda"] and model.device.type == "cuda":
+        torch.cuda.set_rng_state(state["rng"]["cuda"][0].cpu(), model.device)
     return state["step"], state["elapsed"]
 
 
