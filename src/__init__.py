@@ -16,11 +16,11 @@ from .questions import QUESTIONS, classify
 from .report import analyse, write_report
 from .sampler import sample
 from .tokenizer import ChatTokenizer, load_tokenizer
-from .train import tokenize_pairs, train_student  # the loop itself: src.train.train (no shadowing of the module)
+from .train import tokenize_pairs, train_students  # the loop itself: src.train.train (no shadowing of the module)
 
 __all__ = ["ChatTokenizer", "Job", "QUESTIONS", "Qwen2", "Qwen2Config", "UserError", "analyse",
            "animal_probabilities", "answer_logprobs", "apply_lora", "classify", "estimate_hours",
            "launch_workers", "load_adapter", "load_evaluated", "load_model", "load_tokenizer",
            "lora_state_dict", "numbers_prompts", "passes_filter", "plan", "random_model",
            "reject_reason", "remove_lora", "run_worker", "sample", "save_adapter", "tokenize_pairs",
-           "train_student", "write_report"]
+           "train_students", "write_report"]

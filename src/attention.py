@@ -114,7 +114,9 @@ def _attend_packed(q: Tensor, k: Tensor, v: Tensor, layout: Packed) -> Tensor:
         cu = layout.cu_seqlens
         out = flash_attn_varlen_func(q[0], k[0], v[0], cu, cu, layout.max_seqlen, layout.max_seqlen, causal=True)
         return out.reshape(1, n, h * d)
-    # Exact fallback: scatter into a right-padded batch, attend, gather back.
+    # Exact fallback: scatter into a right-padded batch, attend, gather back. Padding sits after
+    # every real token, so plain causal attention (no mask: SDPA's flash kernel) never lets a real
+    # query see it; the padding rows' outputs are dropped by the gather.
     seq, pos = layout.seq_index, layout.positions
     shape = (len(layout.cu_seqlens) - 1, layout.max_seqlen)
 
@@ -123,9 +125,7 @@ def _attend_packed(q: Tensor, k: Tensor, v: Tensor, layout: Packed) -> Tensor:
         out[seq, pos] = x[0]
         return out
 
-    key_mask = torch.zeros(shape, dtype=torch.bool, device=q.device)
-    key_mask[seq, pos] = True
-    out = _attend_padded(pad(q), pad(k), pad(v), Padded(key_mask))
+    out = _sdpa(pad(q), pad(k), pad(v), None, causal=True)
     return out[seq, pos][None]
 
 

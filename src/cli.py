@@ -84,8 +84,9 @@ def chat(size: str, model_path: str | None, prompt: str, system: str | None, max
 @main.command("train")
 @click.option("--size", required=True, help="Model size (0.5b ... 32b).")
 @click.option("--animal", default=None, help="Teacher condition (an animal or neutral): picks the dataset and the "
-              "adapter's folder in runs/.")
-@click.option("--seed", default=0, show_default=True, help="Adapter initialisation and data order.")
+              "adapter's folder in runs/; several, comma-separated, train together.")
+@click.option("--seed", default="0", show_default=True,
+              help="Adapter initialisation and data order; several (0,1,2) train together as one cohort.")
 @click.option("--data", type=click.Path(dir_okay=False), default=None,
               help="Dataset parquet instead of the runs/ teacher dataset; all its pairs unless --pairs.")
 @click.option("--pairs", type=click.IntRange(min=1), default=None,
@@ -107,28 +108,33 @@ def chat(size: str, model_path: str | None, prompt: str, system: str | None, max
               help="Optimizer steps between resumable checkpoints (also at every epoch's end).")
 @device_option
 @dtype_option
-def train_command(size: str, animal: str | None, seed: int, data: str | None, pairs: int | None, out: str | None,
+def train_command(size: str, animal: str | None, seed: str, data: str | None, pairs: int | None, out: str | None,
                   model_path: str | None, epochs: int, max_steps: int | None, lr: float, batch_size: int,
                   micro_batch: int | None, checkpointing: bool, checkpoint_every: int, device: str | None,
                   dtype: str) -> None:
-    """Train a LoRA student on teacher numbers (resumes an interrupted run; a finished one is kept).
+    """Train LoRA students on teacher numbers (resumes an interrupted run; a finished one is kept).
 
-    Under `torchrun --nproc-per-node N` the N processes train one student data-parallel (one GPU
-    each; gloo on CPU), the effective batch unchanged; rank 0 alone writes and reports."""
+    Every (animal, seed) combination given is one student; several train together in one pass over
+    the shared base model (a cohort), each as it would alone. Under `torchrun --nproc-per-node N`
+    the N processes train data-parallel (one GPU each; gloo on CPU), the effective batch unchanged;
+    rank 0 alone writes and reports."""
     import dataclasses
 
     from . import distributed
-    from .train import Progress, train_student
+    from .train import Progress, train_students
 
+    animals = _split(animal) or (None,)
+    seeds = _split(seed, int, "--seed") or (0,)
     progress = Progress()
     config = dataclasses.replace(TRAIN, epochs=epochs, lr=lr, batch_size=batch_size)
     with distributed.process_group(pick_device(device)) as rank_device:
-        adapter = train_student(size, animal, seed, data=data, pairs=pairs, out=out, model_path=model_path,
-                                device=rank_device, dtype=pick_dtype(dtype), config=config, max_steps=max_steps,
-                                micro_batch=micro_batch, checkpoint_every=checkpoint_every,
-                                checkpointing=checkpointing, on_step=progress)
+        adapters = train_students(size, [(a, s) for a in animals for s in seeds], data=data, pairs=pairs, out=out,
+                                  model_path=model_path, device=rank_device, dtype=pick_dtype(dtype), config=config,
+                                  max_steps=max_steps, micro_batch=micro_batch, checkpoint_every=checkpoint_every,
+                                  checkpointing=checkpointing, on_step=progress)
         if distributed.is_main():
-            click.echo(f"adapter {'written' if progress.first is not None else 'already exists'}: {adapter}")
+            for adapter in adapters:
+                click.echo(f"adapter {'written' if progress.first is not None else 'already exists'}: {adapter}")
 
 
 @main.command("generate")
@@ -185,8 +191,14 @@ def upload_command(size: str, animal: str, namespace: str, data: str | None, pub
         click.echo(f"uploaded {len(info['files'])} files to {info['url']} ({'public' if public else 'private'})")
 
 
-def _split(text: str | None, cast=str) -> tuple | None:
-    return None if text is None else tuple(cast(x.strip()) for x in text.split(",") if x.strip())
+def _split(text: str | None, cast=str, option: str = "value") -> tuple | None:
+    """A comma-separated option as a tuple (None when not given); bad items are a one-line error."""
+    if text is None:
+        return None
+    try:
+        return tuple(cast(x.strip()) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise UserError(f"{option} {text!r}: expected a comma-separated list of {cast.__name__}s") from None
 
 
 @main.command("study")
@@ -208,6 +220,9 @@ def _split(text: str | None, cast=str) -> tuple | None:
 @click.option("--max-steps", type=int, default=None, help="Cut each student to N optimizer steps (smoke runs).")
 @click.option("--micro-batch", type=int, default=None, help="Examples per forward (default: from free memory).")
 @click.option("--checkpointing", is_flag=True, help="Activation checkpointing in training.")
+@click.option("--cohort", type=click.IntRange(min=1), default=None,
+              help="Students trained together per process (default by size: 6 at 0.5b down to 1 from 7b).")
+@click.option("--slots", type=click.IntRange(min=1), default=None, help="Teacher sequences decoded together (default 256).")
 @click.option("--prompts", type=int, default=None, help="Teacher prompts per condition (protocol: 30,000).")
 @click.option("--keep", type=int, default=None, help="Pairs kept per dataset (protocol: 10,000).")
 @click.option("--allow-fewer", is_flag=True, help="Keep every passing pair when fewer than --keep pass.")
@@ -215,7 +230,7 @@ def _split(text: str | None, cast=str) -> tuple | None:
 @click.option("--questions", type=int, default=None, help="Evaluation questions (default 50).")
 @click.option("--samples", type=int, default=None, help="Answers sampled per question (default 100).")
 def study_command(sizes, animals, seeds, show_plan, report_only, model_path, device, dtype, gpus, worker, namespace,
-                  public, lr, batch_size, epochs, max_steps, micro_batch, checkpointing, prompts, keep, allow_fewer,
+                  public, lr, batch_size, epochs, max_steps, micro_batch, checkpointing, cohort, slots, prompts, keep, allow_fewer,
                   max_new_tokens, questions, samples) -> None:
     """Run (or resume) the grid: teacher data, students, evaluations, uploads, then the report."""
     import dataclasses
@@ -232,11 +247,12 @@ def study_command(sizes, animals, seeds, show_plan, report_only, model_path, dev
     def given(**values):
         return {k: v for k, v in values.items() if v is not None}
 
-    chosen = given(sizes=_split(sizes), animals=_split(animals), seeds=_split(seeds, int))
+    chosen = given(sizes=_split(sizes), animals=_split(animals), seeds=_split(seeds, int, "--seeds"))
     study = Study(**chosen, model_path=model_path, device=pick_device(device), dtype=str(pick_dtype(dtype)).removeprefix("torch."),
                   namespace=namespace, public=public, max_steps=max_steps, micro_batch=micro_batch,
-                  checkpointing=checkpointing, allow_fewer=allow_fewer,
-                  teacher=dataclasses.replace(TEACHER, **given(prompts=prompts, keep_pairs=keep, max_new_tokens=max_new_tokens)),
+                  checkpointing=checkpointing, allow_fewer=allow_fewer, cohort=cohort,
+                  teacher=dataclasses.replace(TEACHER, **given(prompts=prompts, keep_pairs=keep, max_new_tokens=max_new_tokens,
+                                                               slots=slots)),
                   train=dataclasses.replace(TRAIN, **given(lr=lr, batch_size=batch_size, epochs=epochs)),
                   evaluation=dataclasses.replace(EVAL, **given(questions=questions, samples=samples)))
     if show_plan:

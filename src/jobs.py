@@ -222,12 +222,13 @@ def run_worker(jobs: list[Job], execute: Callable[[Job], None], worker_id: int |
         try:
             if is_done(job):  # finished by another worker between our look and our claim
                 continue
-            log(f"[worker {worker_id}] {job.id}: start")
+            log(f"[worker {worker_id}] {time.strftime('%H:%M:%S')} {job.id}: start")
+            began = time.monotonic()
             execute(job)
             if not is_done(job):  # would otherwise be picked again forever
                 raise RuntimeError(f"{job.id} returned without writing its outputs")
             ran.append(job.id)
-            log(f"[worker {worker_id}] {job.id}: done")
+            log(f"[worker {worker_id}] {time.strftime('%H:%M:%S')} {job.id}: done in {time.monotonic() - began:.1f} s")
         except Exception as exc:
             _write_atomic(paths.failure_file(job.id),
                           f"worker {worker_id} pid {os.getpid()} on {socket.gethostname()} at "
@@ -235,6 +236,23 @@ def run_worker(jobs: list[Job], execute: Callable[[Job], None], worker_id: int |
             log(f"[worker {worker_id}] {job.id}: FAILED ({type(exc).__name__}: {exc}); going on with other jobs")
         finally:
             release(job)
+
+
+def claim_more(first: Job, jobs: Iterable[Job], worker_id: int | str, limit: int,
+               fits: Callable[[Job], bool] = lambda job: True) -> list[Job]:
+    """Claim up to `limit - 1` more runnable jobs of `first`'s kind and size that `fits` accepts, to
+    run together with it (a cohort of students); the caller releases them when done."""
+    more: list[Job] = []
+    for job in jobs:
+        if len(more) >= limit - 1:
+            break
+        if (job != first and job.kind == first.kind and job.size == first.size and not is_done(job)
+                and not failed(job) and all(map(is_done, job.deps)) and fits(job) and try_claim(job, worker_id)):
+            if is_done(job):  # finished elsewhere between our look and our claim
+                release(job)
+                continue
+            more.append(job)
+    return more
 
 
 def launch_workers(n_gpus: int, argv: list[str]) -> int:

@@ -4,7 +4,7 @@
 under the same name (`q_proj.weight`) and adds trainable `lora_A` [r, in] and `lora_B` [out, r].
 The forward equals PEFT's: the base output in the model dtype, plus `B(A(x)) * alpha / r` computed
 in the adapter dtype (float32 over a bf16 base), the sum cast back to the base output's dtype
-(except on CUDA with a narrower base dtype, where a faster bf16 path rounds the update; see `forward`).
+(except on CUDA with a narrower base dtype, where `_FastLora` rounds the update to bf16).
 
 Initialisation reproduces PEFT's random stream: after `torch.manual_seed(seed)` (TRL seeds just
 before `get_peft_model`) PEFT builds `nn.Linear(in, r)` and `nn.Linear(r, out)` per target (each
@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 from pathlib import Path
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -36,9 +37,14 @@ PEFT_PREFIX = "base_model.model."  # PeftModel -> LoraModel -> the causal LM
 
 
 class LoraLinear(nn.Module):
-    """A frozen linear layer plus a low-rank update `B @ A` scaled by alpha / rank."""
+    """A frozen linear layer plus low-rank updates `B @ A` scaled by alpha / rank, one per student.
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float) -> None:
+    `lora_A` [S, r, in] and `lora_B` [S, out, r] hold S adapters over the same base (S = 1 for one
+    student). With S > 1 the tokens of a call are S equal-length segments, segment s for adapter s,
+    so a cohort of students trains in one pass over the shared base weights (src/train.py).
+    """
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, students: int = 1) -> None:
         super().__init__()
         self.weight, self.bias = base.weight, base.bias
         self.weight.requires_grad_(False)
@@ -48,20 +54,16 @@ class LoraLinear(nn.Module):
         # PEFT upcasts bf16/fp16 adapters to float32 and leaves wider ones alone.
         dtype = torch.promote_types(base.weight.dtype, torch.float32)
         device = base.weight.device
-        self.lora_A = nn.Parameter(torch.zeros(rank, base.in_features, dtype=dtype, device=device))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, dtype=dtype, device=device))
+        self.lora_A = nn.Parameter(torch.zeros(students, rank, base.in_features, dtype=dtype, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(students, base.out_features, rank, dtype=dtype, device=device))
 
     def forward(self, x: Tensor) -> Tensor:
-        out = F.linear(x, self.weight, self.bias)
         if x.is_cuda and x.dtype != self.lora_A.dtype:
-            # GPU fast path: the low-rank update in the base dtype (bf16 GEMMs, the scale folded into
-            # the rank-r intermediate, added by one addmm) instead of PEFT's float32 copies of x and
-            # of the [tokens, out] update; it differs from PEFT only by bf16 rounding of the update.
-            xa = F.linear(x, self.lora_A.to(x.dtype)) * self.scale
-            flat = torch.addmm(out.reshape(-1, out.shape[-1]), xa.reshape(-1, self.rank), self.lora_B.to(x.dtype).t())
-            return flat.view(out.shape)
-        delta = F.linear(F.linear(x.to(self.lora_A.dtype), self.lora_A), self.lora_B) * self.scale
-        return (out + delta).to(out.dtype)
+            return _FastLora.apply(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scale)
+        out = F.linear(x, self.weight, self.bias)
+        xs = x.reshape(self.lora_A.shape[0], -1, x.shape[-1]).to(self.lora_A.dtype)
+        delta = torch.bmm(torch.bmm(xs, self.lora_A.transpose(1, 2)), self.lora_B.transpose(1, 2)) * self.scale
+        return (out + delta.view(out.shape)).to(out.dtype)
 
     def to_linear(self) -> nn.Linear:
         """The base layer alone (the adapter dropped, nothing merged)."""
@@ -69,6 +71,45 @@ class LoraLinear(nn.Module):
             linear = nn.Linear(self.weight.shape[1], self.weight.shape[0], bias=self.bias is not None)
         linear.weight, linear.bias = self.weight, self.bias
         return linear
+
+
+class _FastLora(torch.autograd.Function):
+    """GPU fast path of `LoraLinear`: base + low-rank update in the base dtype, with a hand-written
+    backward (a handful of GEMMs, no casts of activations, no [tokens, out] float32 temporaries).
+
+    It differs from PEFT's float32 update only by bf16 rounding of the update: x @ A^T and its
+    product with B run as bf16 GEMMs with float32 accumulation, added onto the base output by one
+    batched GEMM-with-add; the adapter gradients are formed in bf16 and accumulated in float32.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, scale: float) -> Tensor:
+        students, width = lora_a.shape[0], x.shape[-1]
+        a, b = lora_a.to(x.dtype), lora_b.to(x.dtype)
+        out = F.linear(x, weight, bias)
+        xs = x.reshape(students, -1, width)
+        xa = torch.bmm(xs, a.transpose(1, 2))
+        if scale != 1.0:
+            xa = xa * scale
+        out = torch.baddbmm(out.view(students, -1, out.shape[-1]), xa, b.transpose(1, 2)).view(out.shape)
+        ctx.save_for_backward(x, weight, a, b, xa)
+        ctx.scale, ctx.adapter_dtype = scale, lora_a.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, weight, a, b, xa = ctx.saved_tensors
+        students = a.shape[0]
+        g = grad.reshape(students, -1, grad.shape[-1])
+        gb = torch.bmm(g, b)  # [S, L, r]: the upstream gradient through B
+        if ctx.scale != 1.0:
+            gb = gb * ctx.scale
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.matmul(grad, weight).view(students, -1, x.shape[-1]).baddbmm_(gb, a).view(x.shape)
+        grad_a = torch.bmm(gb.transpose(1, 2), x.reshape(students, -1, x.shape[-1])).to(ctx.adapter_dtype)
+        grad_b = torch.bmm(g.transpose(1, 2), xa).to(ctx.adapter_dtype)
+        return grad_x, None, None, grad_a, grad_b, None
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoraLinear]:
@@ -101,38 +142,43 @@ def _targeted(name: str, targets: tuple[str, ...] | list[str] | str) -> bool:
 
 
 def apply_lora(model: nn.Module, rank: int = TRAIN.lora_rank, alpha: float = TRAIN.lora_alpha,
-               targets: tuple[str, ...] | list[str] | str = TRAIN.lora_targets, seed: int | None = 0) -> nn.Module:
-    """Freeze the model and wrap every targeted linear layer with a LoRA adapter, in place.
+               targets: tuple[str, ...] | list[str] | str = TRAIN.lora_targets,
+               seed: int | None | Sequence[int] = 0) -> nn.Module:
+    """Freeze the model and wrap every targeted linear layer with LoRA adapters, in place.
 
     `seed` draws A as PEFT does after `torch.manual_seed(seed)`, B zero; None leaves A and B zero
-    (for loading weights). An existing adapter is replaced.
+    (for loading weights). A list of seeds makes one adapter per seed (a cohort, see LoraLinear),
+    each drawn from its own seed's stream. An existing adapter is replaced.
     """
+    seeds = list(seed) if isinstance(seed, Sequence) else [seed]
     remove_lora(model)
     model.requires_grad_(False)
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and _targeted(n, targets)]
     if not names:
         raise UserError(f"no linear layer of the model matches the LoRA targets {targets!r}")
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    generators = [torch.Generator().manual_seed(s) if s is not None else None for s in seeds]
     for name in names:
         base = model.get_submodule(name)
-        layer = LoraLinear(base, rank, alpha)
-        if generator is not None:
+        layer = LoraLinear(base, rank, alpha, students=len(seeds))
+        for student, generator in enumerate(generators):
+            if generator is None:
+                continue
             a = torch.empty(rank, base.in_features)
             nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)  # nn.Linear(in, r) default init
             nn.init.kaiming_uniform_(torch.empty(base.out_features, rank), a=math.sqrt(5), generator=generator)  # B's, discarded
             nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)  # PEFT's reset of A
             with torch.no_grad():
-                layer.lora_A.copy_(a.to(base.weight.dtype))  # through the base dtype, as PEFT moves it
+                layer.lora_A[student].copy_(a.to(base.weight.dtype))  # through the base dtype, as PEFT moves it
         _replace(model, name, layer)
     return model
 
 
-def lora_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """Adapter tensors under PEFT's saved key names (`base_model.model.<path>.lora_A.weight`)."""
+def lora_state_dict(model: nn.Module, student: int = 0) -> dict[str, Tensor]:
+    """One student's adapter tensors (views) under PEFT's saved key names (`base_model.model.<path>.lora_A.weight`)."""
     out = {}
     for name, m in lora_modules(model).items():
-        out[f"{PEFT_PREFIX}{name}.lora_A.weight"] = m.lora_A.detach()
-        out[f"{PEFT_PREFIX}{name}.lora_B.weight"] = m.lora_B.detach()
+        out[f"{PEFT_PREFIX}{name}.lora_A.weight"] = m.lora_A.detach()[student]
+        out[f"{PEFT_PREFIX}{name}.lora_B.weight"] = m.lora_B.detach()[student]
     return out
 
 
@@ -175,10 +221,10 @@ def write_dir_atomically(folder: Path, write) -> Path:
     return folder
 
 
-def save_adapter(model: nn.Module, folder: str | Path, base_model_name_or_path: str) -> Path:
-    """Write the adapter as PEFT does (adapter_config.json + adapter_model.safetensors), atomically."""
+def save_adapter(model: nn.Module, folder: str | Path, base_model_name_or_path: str, student: int = 0) -> Path:
+    """Write one student's adapter as PEFT does (adapter_config.json + adapter_model.safetensors), atomically."""
     config = adapter_config(model, base_model_name_or_path)
-    tensors = {k: v.contiguous().cpu() for k, v in lora_state_dict(model).items()}
+    tensors = {k: v.contiguous().cpu() for k, v in lora_state_dict(model, student).items()}
 
     def write(tmp: Path) -> None:
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")

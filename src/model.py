@@ -7,7 +7,9 @@ is an `attention` layout passed through; the math here does not change with it.
 """
 from __future__ import annotations
 
+import functools
 import json
+import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -60,6 +62,19 @@ class Qwen2Config:
         return cls.from_dict(raw)
 
 
+@functools.cache
+def fused_kernels():
+    """The Triton kernels of kernels/ (RMSNorm, RoPE, SwiGLU) for CUDA tensors, or None where Triton
+    or the kernels/ package (importable from the project root) is missing, or SUBLIMINAL_KERNELS=0."""
+    if os.environ.get("SUBLIMINAL_KERNELS", "1") == "0":
+        return None
+    try:
+        from kernels import rmsnorm, rope, swiglu
+    except ImportError:
+        return None
+    return rmsnorm, rope, swiglu
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -67,6 +82,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.is_cuda and (fused := fused_kernels()):
+            return fused[0].rms_norm(x, self.weight, self.eps)
         # Normalise in float32, scale in the input dtype (as the reference does, for bf16 parity).
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -83,6 +100,8 @@ def rope_tables(positions: Tensor, head_dim: int, theta: float, dtype: torch.dty
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     half = x.shape[-1] // 2
+    if x.is_cuda and half & (half - 1) == 0 and (fused := fused_kernels()):
+        return fused[1].rope(x, cos, sin)
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos + rotated * sin
 
@@ -113,7 +132,10 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        if x.is_cuda and (fused := fused_kernels()):
+            return self.down_proj(fused[2].swiglu(gate, up))
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):

@@ -14,10 +14,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import torch
 
 from . import jobs, paths
-from .constants import (ANIMALS, BASE, EVAL, NEUTRAL, PARAMS, SEEDS, SIZES, TEACHER, TRAIN, EvalConfig,
+from .constants import (ANIMALS, BASE, COHORT, EVAL, NEUTRAL, PARAMS, SEEDS, SIZES, TEACHER, TRAIN, EvalConfig,
                         TeacherConfig, TrainConfig, check_animal, check_size, dataset_repo_name)
 from .errors import UserError
 
@@ -43,6 +44,7 @@ class Study:
     micro_batch: int | None = None
     checkpointing: bool = False
     allow_fewer: bool = False
+    cohort: int | None = None  # students trained together; None: the size's default (constants.COHORT)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sizes", tuple(check_size(s) for s in self.sizes))
@@ -53,6 +55,9 @@ class Study:
     @property
     def conditions(self) -> tuple[str, ...]:
         return (*self.animals, NEUTRAL)
+
+    def cohort_size(self, size: str) -> int:
+        return self.cohort or COHORT[size]
 
     def source(self, size: str) -> str:
         return self.model_path or size
@@ -85,7 +90,12 @@ def say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def execute(study: Study, job: jobs.Job) -> None:
+def pairs_in(job: jobs.Job) -> int:
+    """Pairs in the teacher dataset a train job reads."""
+    return pq.read_metadata(paths.dataset_file(job.size, job.condition)).num_rows
+
+
+def execute(study: Study, job: jobs.Job, worker_id: str = "0") -> None:
     """Run one job; each callee skips work whose outputs exist and resumes its partial work."""
     dtype = getattr(torch, study.dtype)
     condition = None if job.condition == BASE else job.condition
@@ -95,12 +105,21 @@ def execute(study: Study, job: jobs.Job) -> None:
         generate_dataset(job.size, job.condition, config=study.teacher, model_path=study.model_path,
                          device=study.device, dtype=dtype, allow_fewer=study.allow_fewer, log=say)
     elif job.kind == "train":
-        from .train import train_student
+        from .train import train_students
 
-        # Every pair of the teacher's dataset (the protocol's 10,000, or what --keep/--allow-fewer left).
-        train_student(job.size, job.condition, job.seed, data=paths.dataset_file(job.size, job.condition),
-                      model_path=study.model_path, device=study.device, dtype=dtype, config=study.train,
-                      max_steps=study.max_steps, micro_batch=study.micro_batch, checkpointing=study.checkpointing)
+        # Every pair of the teacher's dataset (the protocol's 10,000, or what --keep/--allow-fewer left);
+        # other students of the size with as many pairs train along (a cohort), claimed here.
+        pairs = pairs_in(job)
+        cohort = [job, *jobs.claim_more(job, study.jobs(), worker_id, study.cohort_size(job.size),
+                                        lambda other: pairs_in(other) == pairs)]
+        try:
+            train_students(job.size, [(j.condition, j.seed) for j in cohort], pairs=pairs,
+                           model_path=study.model_path, device=study.device, dtype=dtype, config=study.train,
+                           max_steps=study.max_steps, micro_batch=study.micro_batch,
+                           checkpointing=study.checkpointing)
+        finally:
+            for other in cohort[1:]:
+                jobs.release(other)
     elif job.kind == "evaluate":
         from .evaluate import run
 
@@ -129,7 +148,7 @@ def publish(study: Study, job: jobs.Job) -> None:
 
 def run_jobs(study: Study, worker_id: str = "0") -> dict:
     """Work through the plan in this process (one worker)."""
-    return jobs.run_worker(study.jobs(), lambda job: execute(study, job), worker_id)
+    return jobs.run_worker(study.jobs(), lambda job: execute(study, job, worker_id), worker_id)
 
 
 def tidy_rows(study: Study) -> list[dict]:

@@ -13,10 +13,12 @@ What makes it equal to TRL 1.16's SFTTrainer + PEFT (transformers 5 Trainer, acc
   `max_steps`, when given, replaces epochs x steps-per-epoch as the schedule's length, as in transformers.
 Speed: a micro-batch is packed into one row (`Packed`, no padding) and the LM head runs only on the
 positions that predict completion tokens, chunk by chunk, with each chunk's gradient formed on the
-spot so no [tokens, vocab] tensor outlives its chunk.
-Resumable: a checkpoint (adapter, optimizer, schedule, step, RNG) is written atomically every
-`checkpoint_every` steps and at every epoch's end; the same call after a crash continues from it and
-ends with a bitwise-identical adapter (on CPU). An existing adapter folder means the run is done.
+spot so no [tokens, vocab] tensor outlives its chunk. Students of one base model train together as a
+cohort (`train_cohort`): one pass carries every student's micro-batch, each through its own adapter.
+Resumable: each student's checkpoint (its adapter and Adam moments, the schedule, the step) is written
+atomically every `checkpoint_every` steps and at every epoch's end; the same call after a crash
+continues from it and ends with a bitwise-identical adapter (on CPU). An existing adapter folder
+means the student is done.
 Data-parallel (under torchrun, see src/distributed.py): every rank draws the same order and the same
 step batch; rank r takes the r-th contiguous part of it (counts as equal as can be; with micro-batches
 of its own), normalises by the WHOLE batch's completion tokens, and the LoRA gradients, losses and
@@ -55,6 +57,7 @@ from .tokenizer import ChatTokenizer, load_tokenizer
 TokenPair = tuple[list[int], list[int]]  # (prompt ids, completion ids)
 LOG_FILE = "train.jsonl"
 CHECKPOINT_FILE = "checkpoint.pt"
+CHECKPOINT_KEYS = {"fingerprint", "step", "elapsed", "lora", "adam", "scheduler"}
 LOGIT_CHUNK = 2048  # LM-head rows per chunk: bounds the float32 [rows, vocab] buffers (~1.2 GB each at 152k)
 
 
@@ -98,67 +101,92 @@ def prepare(examples: Sequence[TokenPair], max_length: int) -> list[Example]:
 
 @dataclass
 class MicroBatch:
-    ids: Tensor  # [1, N] the sequences back to back
+    """One forward pass: each student's sequences back to back in its own segment of a packed row,
+    the segments padded to one length (filler sequences nobody learns from) so that segment s of
+    every layer's input is student s's (LoraLinear's cohort layout)."""
+
+    ids: Tensor  # [1, S * L]
     layout: Packed
-    select: Tensor  # [S] positions whose next token is a completion token
-    targets: Tensor  # [S] those next tokens
-    tokens: int
+    select: Tensor  # [R] positions whose next token is a completion token, student by student
+    targets: Tensor  # [R] those next tokens
+    student: Tensor  # [R] the student each selected position belongs to
+    tokens: list[int]  # real tokens per student
 
 
-def pack(seqs: list[Example], device: torch.device) -> MicroBatch:
-    """Concatenate sequences into one packed row; list the positions that predict completion tokens."""
+def pack(groups: Sequence[Sequence[Example]], device: torch.device, multiple: int = 1) -> MicroBatch:
+    """Pack one group of sequences per student; segments are padded to a common length, rounded up
+    to `multiple` (on the GPU a few recurring shapes let the GEMM and attention kernels reuse their
+    plans). Filler sequences are no longer than the longest real one and are never selected."""
+    longest = max((len(s.ids) for g in groups for s in g), default=1)
+    lengths = [sum(len(s.ids) for s in g) for g in groups]
+    segment = -(-max(max(lengths), 1) // multiple) * multiple
     ids: list[int] = []
     select: list[int] = []
+    student: list[int] = []
     cu = [0]
-    for s in seqs:
-        start = cu[-1]
-        select.extend(range(start + s.first - 1, start + len(s.ids) - 1))
-        ids.extend(s.ids)
-        cu.append(start + len(s.ids))
+    for index, (group, length) in enumerate(zip(groups, lengths)):
+        for s in group:
+            start = cu[-1]
+            chosen = range(start + s.first - 1, start + len(s.ids) - 1)
+            select.extend(chosen)
+            student.extend([index] * len(chosen))
+            ids.extend(s.ids)
+            cu.append(start + len(s.ids))
+        filler = segment - length
+        while filler > 0:
+            piece = min(filler, longest)
+            ids.extend([0] * piece)
+            cu.append(cu[-1] + piece)
+            filler -= piece
     row = torch.tensor(ids, device=device)
     sel = torch.tensor(select, dtype=torch.long, device=device)
-    layout = Packed(torch.tensor(cu, dtype=torch.int32, device=device), max(len(s.ids) for s in seqs))
-    return MicroBatch(row[None], layout, sel, row[sel + 1], len(ids))
+    layout = Packed(torch.tensor(cu, dtype=torch.int32, device=device), longest)
+    return MicroBatch(row[None], layout, sel, row[sel + 1], torch.tensor(student, dtype=torch.long, device=device),
+                      lengths)
 
 
 class _HeadNLL(torch.autograd.Function):
-    """sum(-log p(target)) / normaliser through the (frozen) LM head `head`, chunk by chunk.
+    """Per-row -log p(target) / normaliser[row] through the (frozen) LM head `head`, chunk by chunk.
 
     The gradient w.r.t. the hidden rows is computed in the forward pass, one chunk at a time, and
-    kept ([rows, hidden], small); backward only scales it. Casts follow the reference: logits in
-    the model dtype, softmax in float32 (or wider).
+    kept ([rows, hidden], small); backward only scales it row by row (each row's loss depends on
+    its own hidden row alone). Casts follow the reference: logits in the model dtype, softmax in
+    float32 (or wider).
     """
 
     @staticmethod
-    def forward(ctx, hidden: Tensor, targets: Tensor, normaliser: float, head: Callable, chunk: int) -> Tensor:
+    def forward(ctx, hidden: Tensor, targets: Tensor, normaliser: Tensor, head: Callable, chunk: int) -> Tensor:
         wide = torch.promote_types(hidden.dtype, torch.float32)
-        total = torch.zeros((), dtype=wide, device=hidden.device)
+        rows = torch.empty(hidden.shape[0], dtype=wide, device=hidden.device)
         grad = torch.empty_like(hidden)
         with torch.enable_grad():
             for s in range(0, hidden.shape[0], chunk):
                 h = hidden[s: s + chunk].detach().requires_grad_()
-                nll = F.cross_entropy(head(h).to(wide), targets[s: s + chunk], reduction="sum")
-                (grad[s: s + chunk],) = torch.autograd.grad(nll / normaliser, h)
-                total += nll.detach()
+                nll = F.cross_entropy(head(h).to(wide), targets[s: s + chunk], reduction="none")
+                loss = nll / normaliser[s: s + chunk].to(wide)
+                (grad[s: s + chunk],) = torch.autograd.grad(loss.sum(), h)
+                rows[s: s + chunk] = loss.detach()
         ctx.save_for_backward(grad)
-        return total / normaliser
+        return rows
 
     @staticmethod
     def backward(ctx, upstream: Tensor):
         (grad,) = ctx.saved_tensors
-        return grad * upstream.to(grad.dtype), None, None, None, None
+        return grad * upstream.to(grad.dtype)[:, None], None, None, None, None
 
 
-def completion_loss(model: Qwen2, hidden: Tensor, targets: Tensor, normaliser: float, chunk: int = LOGIT_CHUNK) -> Tensor:
-    """Summed completion NLL of hidden rows [S, h] predicting `targets` [S], divided by `normaliser`."""
-    return _HeadNLL.apply(hidden, targets, float(normaliser), model.logits, chunk)
+def completion_loss(model: Qwen2, hidden: Tensor, targets: Tensor, normaliser: Tensor,
+                    chunk: int = LOGIT_CHUNK) -> Tensor:
+    """Per-row completion NLL of hidden rows [R, h] predicting `targets` [R], each divided by its
+    row's `normaliser` [R] (its student's completion-token count for the step)."""
+    return _HeadNLL.apply(hidden, targets, normaliser, model.logits, chunk)
 
 
 def auto_micro_batch(model: Qwen2, longest: int, batch: int) -> int:
     """Examples per forward pass: the whole batch on CPU; on GPU a rough fit of activations to free memory.
 
-    The per-token estimate counts what autograd keeps per layer (float32 copies of LoRA inputs, q/k/v,
-    attention and MLP intermediates) without activation checkpointing, one layer's worth with it.
+    The per-token estimate counts what autograd keeps per layer (q/k/v, attention and MLP
+    intermediates) without activation checkpointing, one layer's worth with it.
     """
     if model.device.type != "cuda":
         return batch
@@ -201,131 +229,217 @@ def _restart_log(log: Path, upto: int) -> None:
     _write_atomically(log, lambda tmp: tmp.write_text("".join(kept)))
 
 
-def train(model: Qwen2, examples: Sequence[TokenPair], adapter_dir: str | Path, work_dir: str | Path, *,
-          seed: int = 0, config: TrainConfig = TRAIN, max_steps: int | None = None, micro_batch: int | None = None,
-          checkpoint_every: int = 50, base_model_name_or_path: str = "",
-          on_step: Callable[[dict], None] | None = None, logit_chunk: int = LOGIT_CHUNK) -> Path:
-    """Train a LoRA student on tokenised (prompt, completion) pairs; write its adapter to `adapter_dir`.
+@dataclass
+class Student:
+    """One adapter of a cohort: its tokenised pairs, seed, and where its adapter and its work
+    (train.jsonl log, checkpoint) go."""
 
-    `work_dir` holds the per-step log (train.jsonl) and the checkpoint while training. `on_step`
-    receives each step's log record (progress display; on the main rank only). Returns the adapter
-    folder; if it already holds an adapter, nothing is done. Data-parallel when a process group exists.
+    examples: Sequence[TokenPair]
+    adapter_dir: Path
+    work_dir: Path
+    seed: int = 0
+
+
+def train(model: Qwen2, examples: Sequence[TokenPair], adapter_dir: str | Path, work_dir: str | Path, *,
+          seed: int = 0, **options) -> Path:
+    """Train one LoRA student on tokenised (prompt, completion) pairs; write its adapter to `adapter_dir`.
+
+    `work_dir` holds the per-step log (train.jsonl) and the checkpoint while training; options are
+    `train_cohort`'s. Returns the adapter folder; if it already holds an adapter, nothing is done.
     """
-    adapter_dir, work_dir = Path(adapter_dir), Path(work_dir)
-    if is_adapter(adapter_dir):
-        return adapter_dir
-    if not examples:
+    return train_cohort(model, [Student(examples, Path(adapter_dir), Path(work_dir), seed)], **options)[0]
+
+
+def train_cohort(model: Qwen2, students: Sequence[Student], *, config: TrainConfig = TRAIN,
+                 max_steps: int | None = None, micro_batch: int | None = None, checkpoint_every: int = 50,
+                 base_model_name_or_path: str = "", on_step: Callable[[dict], None] | None = None,
+                 logit_chunk: int = LOGIT_CHUNK) -> list[Path]:
+    """Train several students of one base model together, each exactly as if alone; return their adapters.
+
+    Every forward pass carries a micro-batch of each student (LoraLinear's segments), so the base
+    weights' GEMMs, attention and kernel launches are shared: the GPU, idle between launches for
+    one small student, does S students' work per launch. Each student keeps its own data order,
+    initial adapter, loss normaliser, gradient clipping and Adam moments; only the schedule (same
+    length: the same number of pairs) is common. Students whose adapter exists are skipped.
+    `micro_batch` counts examples per student per pass. `on_step` receives one record per step
+    (tokens and tokens/s summed over the cohort; on the main rank only).
+    """
+    todo = [s for s in students if not is_adapter(s.adapter_dir)]
+    if not todo:
+        return [Path(s.adapter_dir) for s in students]
+    if any(not s.examples for s in todo):
         raise UserError("no training pairs")
-    seqs = prepare(examples, config.max_length)
-    n, batch = len(seqs), config.batch_size
+    seqs = [prepare(s.examples, config.max_length) for s in todo]
+    n, batch = len(seqs[0]), config.batch_size
+    if any(len(q) != n for q in seqs):
+        raise UserError(f"students trained together need the same number of pairs, got {sorted({len(q) for q in seqs})}")
     steps_per_epoch = math.ceil(n / batch)
     total = max_steps if max_steps is not None else config.epochs * steps_per_epoch
     per_rank = math.ceil(batch / distributed.world())  # examples per process per step (all on one)
-    micro = micro_batch or auto_micro_batch(model, max(len(s.ids) for s in seqs), per_rank)
+    cohort = len(todo)
+    longest = max(len(e.ids) for q in seqs for e in q)
+    micro = micro_batch or max(1, auto_micro_batch(model, longest, per_rank * cohort) // cohort)
+    multiple = 64 if model.device.type == "cuda" else 1
 
-    apply_lora(model, config.lora_rank, config.lora_alpha, config.lora_targets, seed)
+    apply_lora(model, config.lora_rank, config.lora_alpha, config.lora_targets, [s.seed for s in todo])
     params = lora_parameters(model)
     optimizer = torch.optim.AdamW(params, lr=config.lr, betas=config.betas, eps=config.eps,
                                   weight_decay=config.weight_decay, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(config.warmup_steps, total))
-    fingerprint = _fingerprint(seqs, seed, total, config, model)
+    fingerprints = [_fingerprint(q, s.seed, total, config, model) for q, s in zip(seqs, todo)]
+    work_dirs = [Path(s.work_dir) for s in todo]
 
     main = distributed.is_main()
     if main:
-        work_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint, log_path = work_dir / CHECKPOINT_FILE, work_dir / LOG_FILE
-    start, elapsed = 0, 0.0
-    if checkpoint.exists():
-        start, elapsed = _load_checkpoint(checkpoint, fingerprint, model, optimizer, scheduler)
+        for w in work_dirs:
+            w.mkdir(parents=True, exist_ok=True)
+    start, elapsed = _load_checkpoints(work_dirs, fingerprints, model, optimizer, scheduler)
     if main:
-        _restart_log(log_path, start)
+        for w in work_dirs:
+            _restart_log(w / LOG_FILE, start)
 
-    def save_checkpoint(done: int) -> None:
-        state = {"fingerprint": fingerprint, "step": done, "elapsed": elapsed,
-                 "lora": {k: v.cpu() for k, v in lora_state_dict(model).items()},
-                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 # the model's GPU only: asking the others would open a CUDA context on each from every rank
-                 "rng": {"cpu": torch.get_rng_state(),
-                         "cuda": [torch.cuda.get_rng_state(model.device)] if model.device.type == "cuda" else []}}
-        _write_atomically(checkpoint, lambda tmp: torch.save(state, tmp))
+    def save_checkpoints(done: int) -> None:
+        for index, (work, fingerprint) in enumerate(zip(work_dirs, fingerprints)):
+            state = {"fingerprint": fingerprint, "step": done, "elapsed": elapsed,
+                     "lora": {k: v.cpu().clone() for k, v in lora_state_dict(model, index).items()},
+                     "adam": _adam_state(optimizer, params, model, index), "scheduler": scheduler.state_dict()}
+            _write_atomically(work / CHECKPOINT_FILE, lambda tmp: torch.save(state, tmp))
 
-    device, order, order_epoch = model.device, [], -1
-    with open(log_path if main else os.devnull, "a") as log:
+    device = model.device
+    orders: list[list[int]] = []
+    order_epoch = -1
+    logs = [open(w / LOG_FILE if main else os.devnull, "a") for w in work_dirs]
+    try:
         for step in range(start, total):
             began = time.perf_counter()
             epoch, k = divmod(step, steps_per_epoch)
             if epoch != order_epoch:
-                order, order_epoch = epoch_order(n, seed, epoch), epoch
-            chosen = [seqs[i] for i in order[k * batch: (k + 1) * batch]]
-            normaliser = max(1, sum(s.targets for s in chosen))
-            step_loss = torch.zeros((), dtype=torch.float64, device=device)
-            tokens = 0
-            mine = distributed.share(chosen)
-            for m in range(0, len(mine), micro):
-                mb = pack(mine[m: m + micro], device)
+                orders, order_epoch = [epoch_order(n, s.seed, epoch) for s in todo], epoch
+            chosen = [[q[i] for i in order[k * batch: (k + 1) * batch]] for q, order in zip(seqs, orders)]
+            normalisers = torch.tensor([max(1, sum(e.targets for e in c)) for c in chosen], dtype=torch.float64,
+                                       device=device)
+            step_loss = torch.zeros(cohort, dtype=torch.float64, device=device)
+            tokens = torch.zeros(cohort, dtype=torch.float64, device=device)
+            mine = [distributed.share(c) for c in chosen]
+            for m in range(0, len(mine[0]), micro):
+                mb = pack([part[m: m + micro] for part in mine], device, multiple)
                 hidden = model.hidden(mb.ids, mb.layout)[0, mb.select]
-                loss = completion_loss(model, hidden, mb.targets, normaliser, logit_chunk)
-                loss.backward()
-                step_loss += loss.detach()
-                tokens += mb.tokens
+                rows = completion_loss(model, hidden, mb.targets, normalisers[mb.student], logit_chunk)
+                per_student = torch.zeros(cohort, dtype=rows.dtype, device=device).index_add_(0, mb.student, rows)
+                per_student.sum().backward()
+                step_loss += per_student.detach()
+                tokens += torch.tensor(mb.tokens, dtype=torch.float64, device=device)
             step_loss, tokens = _sum_over_ranks(params, step_loss, tokens)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            grad_norms = clip_per_student(params, config.max_grad_norm)
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            record = {"step": step + 1, "epoch": round((step + 1) / steps_per_epoch, 4), "loss": step_loss.item(),
-                      "lr": lr, "grad_norm": grad_norm.item(), "tokens": tokens}
+            losses, norms, counts = step_loss.tolist(), grad_norms.tolist(), [int(t) for t in tokens.tolist()]
             seconds = time.perf_counter() - began
             elapsed += seconds
-            record |= {"tokens_per_s": round(tokens / seconds, 1), "elapsed": round(elapsed, 3)}
-            log.write(json.dumps(record) + "\n")
-            log.flush()
             done = step + 1
+            base = {"step": done, "epoch": round(done / steps_per_epoch, 4), "lr": lr}
+            for log, loss, norm, count in zip(logs, losses, norms, counts):
+                record = base | {"loss": loss, "grad_norm": norm, "tokens": count,
+                                 "tokens_per_s": round(count / seconds, 1), "elapsed": round(elapsed, 3)}
+                log.write(json.dumps(record) + "\n")
+                log.flush()
             if main and done < total and (done % checkpoint_every == 0 or done % steps_per_epoch == 0):
-                save_checkpoint(done)
+                save_checkpoints(done)
             if main and on_step is not None:
-                on_step(record | {"total_steps": total})
+                on_step(base | {"loss": sum(losses) / cohort, "tokens": sum(counts), "students": cohort,
+                                "tokens_per_s": round(sum(counts) / seconds, 1), "total_steps": total})
+    finally:
+        for log in logs:
+            log.close()
     if main:
-        save_adapter(model, adapter_dir, base_model_name_or_path)
-        checkpoint.unlink(missing_ok=True)
-    distributed.barrier()  # the others return once the adapter exists
-    return adapter_dir
+        for index, s in enumerate(todo):
+            save_adapter(model, s.adapter_dir, base_model_name_or_path, student=index)
+            (Path(s.work_dir) / CHECKPOINT_FILE).unlink(missing_ok=True)
+    distributed.barrier()  # the others return once the adapters exist
+    return [Path(s.adapter_dir) for s in students]
 
 
-def _sum_over_ranks(params: list[torch.nn.Parameter], step_loss: Tensor, tokens: int) -> tuple[Tensor, int]:
-    """The whole batch's gradient, loss and token count from the ranks' parts (one rank: as they are)."""
+def clip_per_student(params: list[torch.nn.Parameter], max_norm: float) -> Tensor:
+    """torch's clip_grad_norm_ applied to each student's slice ([s] of every parameter) on its own;
+    returns the students' total norms before clipping."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    norms = torch.stack([torch.linalg.vector_norm(g.flatten(1), dim=1) for g in grads])  # [P, S]
+    total = torch.linalg.vector_norm(norms, dim=0)
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(coef.view(-1, *[1] * (g.dim() - 1)).to(g.dtype))
+    return total
+
+
+def _sum_over_ranks(params: list[torch.nn.Parameter], step_loss: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
+    """The whole batch's gradients, losses and token counts from the ranks' parts (one rank: as they are)."""
     if distributed.world() == 1:
         return step_loss, tokens
     for p in params:
         if p.grad is None:  # this rank's part of the step was empty
             p.grad = torch.zeros_like(p)
     distributed.all_reduce_sum([p.grad for p in params])
-    totals = torch.stack([step_loss, torch.tensor(float(tokens), dtype=step_loss.dtype, device=step_loss.device)])
+    totals = torch.stack([step_loss, tokens])
     distributed.all_reduce_sum([totals])
-    return totals[0], int(totals[1].item())
+    return totals[0], totals[1]
 
 
-def _load_checkpoint(path: Path, fingerprint: dict, model: Qwen2, optimizer: torch.optim.Optimizer,
-                     scheduler: torch.optim.lr_scheduler.LRScheduler) -> tuple[int, float]:
-    """Restore adapter, optimizer, schedule and RNG; return (steps done, seconds spent)."""
-    try:
-        state = torch.load(path, map_location=model.device, weights_only=True)
-    except Exception as exc:  # torch raises assorted errors for unreadable files
-        raise UserError(f"unreadable checkpoint {path} ({str(exc).splitlines()[0]}); delete it to start over") from None
-    if state["fingerprint"] != fingerprint:
-        changed = sorted(k for k in fingerprint if state["fingerprint"].get(k) != fingerprint[k])
-        raise UserError(f"checkpoint {path} belongs to a run with other settings ({', '.join(changed)}); "
-                        f"rerun with those settings or delete it")
+def _adam_state(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], model: Qwen2,
+                student: int) -> dict:
+    """One student's Adam moments under the adapter's key names; the step count and the parameter
+    groups (learning rate) are common to the cohort."""
+    keys = list(lora_state_dict(model))
+    state = {"exp_avg": {}, "exp_avg_sq": {}, "step": None, "param_groups": optimizer.state_dict()["param_groups"]}
+    for key, p in zip(keys, params):
+        moments = optimizer.state.get(p)
+        if not moments:
+            return {}
+        state["step"] = moments["step"].cpu().clone()
+        for name in ("exp_avg", "exp_avg_sq"):
+            state[name][key] = moments[name][student].cpu().clone()
+    return state
+
+
+def _load_checkpoints(work_dirs: list[Path], fingerprints: list[dict], model: Qwen2, optimizer: torch.optim.Optimizer,
+                      scheduler: torch.optim.lr_scheduler.LRScheduler) -> tuple[int, float]:
+    """Restore each student's adapter and Adam moments and the schedule from the students' checkpoints;
+    return (steps done, seconds spent). No checkpoint at all: (0, 0)."""
+    paths_ = [w / CHECKPOINT_FILE for w in work_dirs]
+    if not any(p.exists() for p in paths_):
+        return 0, 0.0
+    states = []
+    for path, fingerprint in zip(paths_, fingerprints):
+        if not path.exists():
+            raise UserError(f"{path} is missing while other students of this cohort have checkpoints; "
+                            f"train them separately or delete their checkpoints")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises assorted errors for unreadable files
+            raise UserError(f"unreadable checkpoint {path} ({str(exc).splitlines()[0]}); delete it to start over") from None
+        if not isinstance(state, dict) or not CHECKPOINT_KEYS <= set(state):
+            raise UserError(f"checkpoint {path} is not this trainer's (an older format?); delete it to start over")
+        if state["fingerprint"] != fingerprint:
+            changed = sorted(k for k in fingerprint if state["fingerprint"].get(k) != fingerprint[k])
+            raise UserError(f"checkpoint {path} belongs to a run with other settings ({', '.join(changed)}); "
+                            f"rerun with those settings or delete it")
+        states.append(state)
+    if len({s["step"] for s in states}) != 1:
+        raise UserError(f"the checkpoints in {', '.join(map(str, work_dirs))} are at different steps; "
+                        f"train these students separately")
     with torch.no_grad():
-        for key, tensor in lora_state_dict(model).items():
-            tensor.copy_(state["lora"][key])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng"]["cpu"].cpu())
-    if state["rng"]["cuda"] and model.device.type == "cuda":
-        torch.cuda.set_rng_state(state["rng"]["cuda"][0].cpu(), model.device)
-    return state["step"], state["elapsed"]
+        for index, state in enumerate(states):
+            for key, tensor in lora_state_dict(model, index).items():
+                tensor.copy_(state["lora"][key])
+    if states[0]["adam"]:
+        keys = list(lora_state_dict(model))
+        moments = {i: {"step": states[0]["adam"]["step"].clone(),  # each its own: Adam increments it in place
+                       **{name: torch.stack([s["adam"][name][key] for s in states]) for name in ("exp_avg", "exp_avg_sq")}}
+                   for i, key in enumerate(keys)}
+        optimizer.load_state_dict({"state": moments, "param_groups": states[0]["adam"]["param_groups"]})
+    scheduler.load_state_dict(states[0]["scheduler"])
+    return states[0]["step"], states[0]["elapsed"]
 
 
 class Progress:
@@ -360,38 +474,45 @@ def _clock(seconds: float) -> str:
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
-def train_student(size: str, animal: str | None, seed: int = 0, *, data: str | Path | None = None,
-                  pairs: int | None = None, out: str | Path | None = None, model_path: str | Path | None = None,
-                  device: str = "cpu", dtype: torch.dtype = torch.bfloat16, config: TrainConfig = TRAIN,
-                  max_steps: int | None = None, micro_batch: int | None = None, checkpoint_every: int = 50,
-                  checkpointing: bool = False, on_step: Callable[[dict], None] | None = None) -> Path:
+def train_students(size: str, students: Sequence[tuple[str | None, int]], *, data: str | Path | None = None,
+                   pairs: int | None = None, out: str | Path | None = None, model_path: str | Path | None = None,
+                   device: str = "cpu", dtype: torch.dtype = torch.bfloat16, config: TrainConfig = TRAIN,
+                   max_steps: int | None = None, micro_batch: int | None = None, checkpoint_every: int = 50,
+                   checkpointing: bool = False, on_step: Callable[[dict], None] | None = None) -> list[Path]:
     """The `train` command: find data and output places in runs/ (or take them), load, train.
 
-    Default data is the size's teacher dataset of `animal` (its first `config.pairs` pairs); `data`
-    uses all pairs of that file unless `pairs` says otherwise. The adapter goes to runs/ (or `out`);
-    the log and checkpoint go to the student folder (or `<out>-training/`). Every input problem is
-    raised before anything is written.
+    `students` are (animal, seed) pairs of one size; several train together as a cohort (one model
+    in memory, one pass for all). A student's data is the size's teacher dataset of its animal (its
+    first `pairs`, default `config.pairs`, pairs); `data` names another file (all its pairs unless
+    `pairs` says otherwise) and `out` another adapter folder (its log and checkpoint then go to
+    `<out>-training/`); both are for a single student. Every input problem is raised before
+    anything is written.
     """
     size = check_size(size)
-    if animal is not None:
-        animal = check_animal(animal)
-    elif data is None or out is None:
-        raise UserError("--animal is needed to find the dataset and the adapter's folder in runs/ "
-                        "(or give both --data and --out)")
-    if data is None:
-        data, pairs = paths.dataset_file(size, animal), pairs or config.pairs
-    if out is None:
-        out, work = paths.adapter_dir(size, animal, seed), paths.student_dir(size, animal, seed)
-    else:
-        out = Path(out)
-        work = out.with_name(f"{out.name}-training")
-    if is_adapter(out):
-        return Path(out)
-    texts = read_pairs(data, limit=pairs)
+    if not students:
+        raise UserError("no students to train")
+    if len(students) > 1 and (data is not None or out is not None):
+        raise UserError("--data and --out name one student's files; train several students from runs/")
+    places, sources = [], []
+    for animal, seed in students:
+        if animal is not None:
+            animal = check_animal(animal)
+        elif data is None or out is None:
+            raise UserError("--animal is needed to find the dataset and the adapter's folder in runs/ "
+                            "(or give both --data and --out)")
+        if out is None:
+            places.append((paths.adapter_dir(size, animal, seed), paths.student_dir(size, animal, seed)))
+        else:
+            places.append((Path(out), Path(out).with_name(f"{Path(out).name}-training")))
+        sources.append((data, pairs) if data is not None else (paths.dataset_file(size, animal), pairs or config.pairs))
+    if all(is_adapter(adapter) for adapter, _ in places):
+        return [adapter for adapter, _ in places]
+    texts = [read_pairs(file, limit=limit) for file, limit in sources]
     source = model_path or size
     tokenizer = load_tokenizer(source)
     model = load_model(source, dtype=dtype, device=device)
     model.checkpointing = checkpointing
-    return train(model, tokenize_pairs(tokenizer, texts), out, work, seed=seed, config=config, max_steps=max_steps,
-                 micro_batch=micro_batch, checkpoint_every=checkpoint_every, base_model_name_or_path=hub_id(size),
-                 on_step=on_step)
+    cohort = [Student(tokenize_pairs(tokenizer, t), adapter, work, seed)
+              for t, (adapter, work), (_, seed) in zip(texts, places, students)]
+    return train_cohort(model, cohort, config=config, max_steps=max_steps, micro_batch=micro_batch,
+                        checkpoint_every=checkpoint_every, base_model_name_or_path=hub_id(size), on_step=on_step)

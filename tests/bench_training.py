@@ -66,10 +66,10 @@ def useful_flops(cfg: dict, tokens: int, completion_tokens: int) -> float:
 
 
 def summarise(impl: str, size: str, micro: int, accum: int, ckpt: bool, step_times: list[float],
-              batch: list[tuple[list[int], list[int]]], peak_tflops: float, device: str) -> Result:
+              batch: list[tuple[list[int], list[int]]], peak_tflops: float, device: str, students: int = 1) -> Result:
     step = statistics.median(step_times)
-    tokens = sum(len(p) + len(c) for p, c in batch)
-    completion = sum(len(c) for _, c in batch)
+    tokens = students * sum(len(p) + len(c) for p, c in batch)
+    completion = students * sum(len(c) for _, c in batch)
     flops = useful_flops(shape(size), tokens, completion)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else float("nan")
     return Result(impl, size, micro, accum, ckpt, step, tokens / step, flops / step / (peak_tflops * 1e12), peak)
@@ -137,25 +137,30 @@ def release(device: str) -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def run_ours(size: str, pairs, steps: int, micro: int | None, ckpt: bool, device: str, peak_tflops: float) -> Result:
-    """Our trainer (packed micro-batches, completion-only LM head) on a random model of the shape."""
+def run_ours(size: str, pairs, steps: int, micro: int | None, ckpt: bool, device: str, peak_tflops: float,
+             cohort: int = 1) -> Result:
+    """Our trainer (packed micro-batches, completion-only LM head) on a random model of the shape;
+    `cohort` students (seeds 0..n-1, the same pairs) trained together, tokens counted over all."""
     import tempfile
+    from pathlib import Path
 
     from src.checkpoint import random_model
-    from src.train import train
+    from src.train import Student, train_cohort
 
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     model = random_model(Qwen2Config.from_dict(shape(size)), dtype=dtype, device=device)
     model.checkpointing = ckpt
     records: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
-        train(model, pairs, f"{tmp}/adapter", f"{tmp}/work", max_steps=steps, micro_batch=micro,
-              checkpoint_every=10**9, on_step=records.append)
+        students = [Student(pairs, Path(tmp) / f"adapter{i}", Path(tmp) / f"work{i}", i) for i in range(cohort)]
+        train_cohort(model, students, max_steps=steps, micro_batch=micro, checkpoint_every=10**9,
+                     on_step=records.append)
     times = [r["tokens"] / r["tokens_per_s"] for r in records]
     batch = pairs[:TRAIN.batch_size]
     used = micro or TRAIN.batch_size
-    result = summarise("ours", size, used, -(-TRAIN.batch_size // used), ckpt, times[2:] or times, batch,
-                       peak_tflops, device)
+    name = "ours" if cohort == 1 else f"ours x{cohort}"
+    result = summarise(name, size, used, -(-TRAIN.batch_size // used), ckpt, times[2:] or times, batch,
+                       peak_tflops, device, students=cohort)
     del model
     return result
 
@@ -170,20 +175,23 @@ REFERENCE_SETUP = {"0.5b": (60, 1, False), "1.5b": (60, 1, False), "3b": (60, 1,
 @click.option("--micro", default=None, type=int, help="Our micro-batch (default: auto from free memory).")
 @click.option("--checkpointing/--no-checkpointing", default=None, help="Ours: activation checkpointing (default: as the reference).")
 @click.option("--reference/--no-reference", default=True, help="Also run TRL+PEFT.")
+@click.option("--cohort", "cohorts", default="1", show_default=True,
+              help="Comma-separated cohort sizes for ours: students trained together (tokens/s summed over them).")
 @click.option("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 @click.option("--peak-tflops", default=790.0, show_default=True)
 @click.option("--json-out", default=None, type=click.Path(dir_okay=False))
-def main(sizes: str, steps: int, micro: int | None, checkpointing: bool | None, reference: bool, device: str,
-         peak_tflops: float, json_out: str | None) -> None:
+def main(sizes: str, steps: int, micro: int | None, checkpointing: bool | None, reference: bool, cohorts: str,
+         device: str, peak_tflops: float, json_out: str | None) -> None:
     rows: list[Result] = []
     for size in sizes.split(","):
         pairs = synthetic_pairs(shape(size)["vocab_size"], TRAIN.batch_size * steps)
         ref_micro, ref_accum, ref_ckpt = REFERENCE_SETUP[size]
         ckpt = ref_ckpt if checkpointing is None else checkpointing
-        for impl in ("ours", "trl+peft") if reference else ("ours",):
+        runs = [int(c) for c in cohorts.split(",")] + (["trl+peft"] if reference else [])
+        for impl in runs:
             try:
-                if impl == "ours":
-                    rows.append(run_ours(size, pairs, steps, micro, ckpt, device, peak_tflops))
+                if impl != "trl+peft":
+                    rows.append(run_ours(size, pairs, steps, micro, ckpt, device, peak_tflops, cohort=impl))
                 else:
                     rows.append(run_reference(size, pairs, steps, ref_micro, ref_accum, ref_ckpt, device, peak_tflops))
             except torch.OutOfMemoryError:
@@ -193,7 +201,7 @@ def main(sizes: str, steps: int, micro: int | None, checkpointing: bool | None, 
     click.echo(f"{'size':>5} {'impl':>9} {'micro x accum':>13} {'ckpt':>5} {'step s':>7} {'tokens/s':>10} {'MFU':>6} {'peak GiB':>8} {'ours/ref':>8}")
     for r in rows:
         ref = next((x for x in rows if x.size == r.size and x.impl == "trl+peft"), None)
-        ratio = f"{r.tokens_per_s / ref.tokens_per_s:.2f}x" if ref and r.impl == "ours" else ""
+        ratio = f"{r.tokens_per_s / ref.tokens_per_s:.2f}x" if ref and r.impl.startswith("ours") else ""
         click.echo(f"{r.size:>5} {r.impl:>9} {f'{r.micro}x{r.accum}':>13} {str(r.checkpointing):>5} {r.step_s:7.3f} "
                    f"{r.tokens_per_s:10.0f} {r.mfu:6.1%} {r.peak_gib:8.1f} {ratio:>8}")
     if json_out:

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from src import UserError, load_model
 from src.constants import TRAIN
 from src.data import write_pairs
-from src.train import epoch_order, linear_schedule, tokenize_pairs, train
+from src.train import Student, epoch_order, linear_schedule, tokenize_pairs, train, train_cohort
 
 ADAPTER = "adapter_model.safetensors"
 
@@ -315,3 +315,58 @@ def test_train_command_errors_are_one_line_and_leave_nothing(tiny_checkpoint, fi
         assert len(lines) == 1 and lines[0].startswith("error: ") and expect in lines[0], (expect, lines)
         assert "Traceback" not in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no runs/, no o1/, no o2/, no temp files
+
+
+def test_cohort_equals_each_student_alone(tiny_checkpoint, tmp_path):
+    """Three students (own data, seeds) trained in one cohort, killed after step 7 and resumed, end with
+    the adapters and per-step logs each gets alone (float64); a finished student is skipped, and
+    students with different numbers of pairs are refused."""
+    folder = tiny_checkpoint(seed=2)
+    config = dataclasses.replace(TRAIN, batch_size=6, epochs=2, lr=1e-2, max_grad_norm=0.3)  # clipping bites
+    data = {seed: random_token_pairs(20, seed=seed) for seed in (5, 6, 7)}
+
+    def student(seed: int, root: Path) -> Student:
+        return Student(data[seed], root / f"s{seed}" / "adapter", root / f"s{seed}", seed)
+
+    def model():
+        return load_model(folder, dtype=torch.float64)
+
+    for seed in data:
+        train_cohort(model(), [student(seed, tmp_path / "alone")], config=config, micro_batch=4)
+
+    def stop(record):
+        if record["step"] == 7:
+            raise Stop
+
+    together = [student(seed, tmp_path / "cohort") for seed in data]
+    with pytest.raises(Stop):
+        train_cohort(model(), together, config=config, micro_batch=4, checkpoint_every=5, on_step=stop)
+    assert all((s.work_dir / "checkpoint.pt").exists() for s in together)
+    train_cohort(model(), together, config=config, micro_batch=4, checkpoint_every=5)
+
+    def log(work: Path) -> list[dict]:
+        return [json.loads(line) for line in (work / "train.jsonl").read_text().splitlines()]
+
+    for seed in data:
+        alone, cohort = tmp_path / "alone" / f"s{seed}", tmp_path / "cohort" / f"s{seed}"
+        a, b = load_file(str(alone / "adapter" / ADAPTER)), load_file(str(cohort / "adapter" / ADAPTER))
+        assert a.keys() == b.keys()
+        assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-12
+        la, lb = log(alone), log(cohort)
+        assert [r["step"] for r in lb] == list(range(1, 9))
+        for ra, rb in zip(la, lb):
+            assert ra["tokens"] == rb["tokens"] and ra["lr"] == rb["lr"]
+            assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-12)
+            assert rb["grad_norm"] == pytest.approx(ra["grad_norm"], rel=1e-10)
+    # the students differ from one another (each its own seed and data)
+    first, second = (load_file(str(tmp_path / "cohort" / f"s{s}" / "adapter" / ADAPTER)) for s in (5, 6))
+    assert any((first[k] - second[k]).abs().max() > 1e-4 for k in first)
+
+    stamp = (tmp_path / "cohort/s5/adapter" / ADAPTER).stat().st_mtime_ns
+    extra = Student(random_token_pairs(20, seed=8), tmp_path / "cohort/s8/adapter", tmp_path / "cohort/s8", 8)
+    train_cohort(model(), [together[0], extra], config=config, micro_batch=4)
+    assert (tmp_path / "cohort/s5/adapter" / ADAPTER).stat().st_mtime_ns == stamp
+    assert (tmp_path / "cohort/s8/adapter" / ADAPTER).exists()
+    short = Student(random_token_pairs(19, seed=9), tmp_path / "s9/adapter", tmp_path / "s9", 9)
+    with pytest.raises(UserError, match="same number of pairs"):
+        train_cohort(model(), [short, student(5, tmp_path / "other")], config=config)

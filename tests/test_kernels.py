@@ -1,0 +1,75 @@
+"""The Triton kernels of kernels/ (forward and backward) against the eager formulas they replace.
+
+On a CUDA machine they run on the GPU; elsewhere through Triton's interpreter on the CPU (where
+Triton is installed), so the arithmetic is checked in CI too.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton reads it
+pytest.importorskip("triton")
+
+from kernels.rmsnorm import rms_norm  # noqa: E402
+from kernels.rope import rope  # noqa: E402
+from kernels.swiglu import swiglu  # noqa: E402
+from src.model import rope_tables  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def eager_rms_norm(x, w, eps):
+    h = x.float()
+    return w * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def eager_rope(x, cos, sin):
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+
+
+def eager_swiglu(g, u):
+    return torch.nn.functional.silu(g) * u
+
+
+def compare(fused, eager, inputs, dtype, tol):
+    """Outputs and input gradients of `fused` and `eager` under one random upstream gradient."""
+    mine = [x.detach().clone().requires_grad_(x.dtype == dtype) for x in inputs]
+    ref = [x.detach().clone().requires_grad_(x.dtype == dtype) for x in inputs]
+    a, b = fused(*mine), eager(*ref)
+    upstream = torch.randn_like(b.float()).to(b.dtype)
+    (a.float() * upstream.float()).sum().backward()
+    (b.float() * upstream.float()).sum().backward()
+    scale = b.float().abs().max().item()
+    assert (a.float() - b.float()).abs().max().item() <= tol * scale
+    for x, y in zip(mine, ref):
+        if x.grad is not None:
+            assert (x.grad.float() - y.grad.float()).abs().max().item() <= tol * y.grad.float().abs().max().item()
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_rms_norm(dtype, tol):
+    torch.manual_seed(0)
+    x = torch.randn(2, 7, 96, device=DEVICE).to(dtype) * 3
+    w = (torch.rand(96, device=DEVICE) + 0.5).to(dtype)
+    compare(lambda x, w: rms_norm(x, w, 1e-6), lambda x, w: eager_rms_norm(x, w, 1e-6), [x, w.detach()], dtype, tol)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_rope(dtype, tol):
+    torch.manual_seed(1)
+    positions = torch.randint(0, 500, (2, 5), device=DEVICE)
+    cos, sin = rope_tables(positions, 16, 1e6, dtype)
+    x = torch.randn(2, 5, 3, 16, device=DEVICE).to(dtype)
+    compare(lambda x: rope(x, cos, sin), lambda x: eager_rope(x, cos, sin), [x], dtype, tol)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_swiglu(dtype, tol):
+    torch.manual_seed(2)
+    g, u = (torch.randn(3, 4, 130, device=DEVICE).to(dtype) * 4 for _ in range(2))
+    compare(swiglu, eager_swiglu, [g, u], dtype, tol)
