@@ -112,6 +112,8 @@ def execute(study: Study, job: jobs.Job, worker_id: str = "0") -> None:
         pairs = pairs_in(job)
         cohort = [job, *jobs.claim_more(job, study.jobs(), worker_id, study.cohort_size(job.size),
                                         lambda other: pairs_in(other) == pairs)]
+        if len(cohort) > 1:
+            say(f"training together: {', '.join(j.id for j in cohort)}")
         try:
             train_students(job.size, [(j.condition, j.seed) for j in cohort], pairs=pairs,
                            model_path=study.model_path, device=study.device, dtype=dtype, config=study.train,

@@ -8,7 +8,7 @@
 #   bash tests/real_run.sh prepare          # assemble (md5 checked), dequantise to ~/fixture, base-rate sweep
 #   bash tests/real_run.sh study ANIMALS SEEDS   # e.g. "owl,dolphin" "0": repeat until it says 'complete'
 #   bash tests/real_run.sh teachers ANIMALS # each animal's system-prompted teacher, both evaluators
-#   bash tests/real_run.sh collect          # results (report, evaluations, logs, datasets) into $OUT
+#   bash tests/real_run.sh collect [PATHS]  # results (default all of runs/ but adapters) into $OUT
 # Every stage after 'piece' needs the wheels of gguf (prepare only) installed with
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl; export PYTHONPATH=/tmp/site
 set -euo pipefail
@@ -38,12 +38,13 @@ study)
 teachers)
     for animal in ${2//,/ }; do
         /usr/bin/time -f "teacher $animal evaluation: %e s" python3 -m src.cli evaluate --model-path "$checkpoint" \
-            --teacher-prompt "$animal" --out "runs/eval/0.5b/teacher-$animal.json" --device cuda
+            --base --teacher-prompt "$animal" --out "runs/eval/0.5b/teacher-$animal.json" --device cuda
     done
     ;;
 collect)
     # adapters and checkpoints stay (17+ MB each); pieces of 15 MB: `cat runs.tgz.* | tar xz` joins them
-    tar czf - --exclude='*.safetensors' --exclude='checkpoint.pt' --exclude='runs/claims' runs | split -b 15m - "$OUT/runs.tgz."
+    shift
+    tar czf - --exclude='*.safetensors' --exclude='checkpoint.pt' --exclude='runs/claims' "${@:-runs}" | split -b 15m - "$OUT/runs.tgz."
     ls -l "$OUT"
     ;;
 *)
