@@ -12,6 +12,7 @@ import json
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -63,16 +64,18 @@ class Qwen2Config:
 
 
 @functools.cache
-def fused_kernels():
-    """The Triton kernels of kernels/ (RMSNorm, RoPE, SwiGLU) for CUDA tensors, or None where Triton
-    or the kernels/ package (importable from the project root) is missing, or SUBLIMINAL_KERNELS=0."""
+def fused_kernels() -> SimpleNamespace | None:
+    """The Triton kernels of kernels/ (RMSNorm, RoPE, SwiGLU, the sampler's block statistics) for CUDA
+    tensors, or None where Triton or the kernels/ package (importable from the project root) is
+    missing, or SUBLIMINAL_KERNELS=0."""
     if os.environ.get("SUBLIMINAL_KERNELS", "1") == "0":
         return None
     try:
-        from kernels import rmsnorm, rope, swiglu
+        from kernels import rmsnorm, rope, sampling, swiglu
     except ImportError:
         return None
-    return rmsnorm, rope, swiglu
+    return SimpleNamespace(rms_norm=rmsnorm.rms_norm, rope=rope.rope, swiglu=swiglu.swiglu,
+                           block_stats=sampling.block_stats)
 
 
 class RMSNorm(nn.Module):
@@ -83,7 +86,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if x.is_cuda and (fused := fused_kernels()):
-            return fused[0].rms_norm(x, self.weight, self.eps)
+            return fused.rms_norm(x, self.weight, self.eps)
         # Normalise in float32, scale in the input dtype (as the reference does, for bf16 parity).
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -101,7 +104,7 @@ def rope_tables(positions: Tensor, head_dim: int, theta: float, dtype: torch.dty
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     half = x.shape[-1] // 2
     if x.is_cuda and half & (half - 1) == 0 and (fused := fused_kernels()):
-        return fused[1].rope(x, cos, sin)
+        return fused.rope(x, cos, sin)
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos + rotated * sin
 
@@ -134,7 +137,7 @@ class MLP(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         gate, up = self.gate_proj(x), self.up_proj(x)
         if x.is_cuda and (fused := fused_kernels()):
-            return self.down_proj(fused[2].swiglu(gate, up))
+            return self.down_proj(fused.swiglu(gate, up))
         return self.down_proj(F.silu(gate) * up)
 
 

@@ -3,22 +3,26 @@
 `slots` sequences decode together over one preallocated cache; when sequences stop (a stop
 token or the new-token bound) their slots are harvested and refilled with waiting prompts, so
 the batch stays full. Sampling is plain temperature sampling over the whole vocabulary (no
-top-k/top-p/penalties: the protocol's distribution), by inverse CDF with one uniform number per
-(seed, prompt index, token index) from a counter-based hash. Hence the samples of a prompt do
-not depend on which other prompts share its batch or on the slot count; only floating-point
-differences that batching causes in the logits themselves could change them.
+top-k/top-p/penalties: the protocol's distribution), by inverse CDF (block by block, see `draw`)
+with one uniform number per (seed, prompt index, token index) from a counter-based hash. Hence
+the samples of a prompt do not depend on which other prompts share its batch or on the slot
+count; only floating-point differences that batching causes in the logits themselves could
+change them.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .attention import Cached, KVCache
-from .model import Qwen2
+from .model import Qwen2, fused_kernels
 
 _MASK32 = 0xFFFFFFFF
+DRAW_BLOCK = 1024  # vocabulary columns per block of the two-stage draw (152k -> 149 blocks)
 
 
 def _mix(x: Tensor) -> Tensor:
@@ -35,13 +39,45 @@ def uniforms(seed: int, index: Tensor, step: Tensor) -> Tensor:
     return _mix(_mix(_mix(torch.full_like(index, seed)) ^ index) ^ _mix(step + 0x51ED27)).double() / 2.0**32
 
 
+def block_stats(logits: Tensor, temperature: float, block: int = DRAW_BLOCK) -> tuple[Tensor, Tensor]:
+    """Per block of `block` vocabulary columns: the largest scaled logit x = logits / T and the sum of
+    exp(x - that maximum); [B, blocks] each, float32 (or float64 for float64 logits). One Triton
+    pass over the logits on CUDA (kernels/sampling.py), the same formula in torch elsewhere."""
+    if logits.is_cuda and logits.dtype != torch.float64 and (fused := fused_kernels()):
+        return fused.block_stats(logits, temperature, block)
+    rows, vocab = logits.shape
+    blocks = -(-vocab // block)
+    x = F.pad(logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature,
+              (0, blocks * block - vocab), value=-math.inf).view(rows, blocks, block)
+    top = x.amax(-1)
+    return top, torch.exp(x - top[..., None]).sum(-1)
+
+
 def draw(logits: Tensor, temperature: float, index: Tensor, step: Tensor, seed: int) -> Tensor:
-    """One token per row of `logits` [B, V]: argmax at temperature 0, else exact inverse-CDF sampling."""
+    """One token per row of `logits` [B, V]: argmax at temperature 0, else exact inverse-CDF sampling
+    over softmax(logits / T) with the row's uniform u.
+
+    In two stages, so that only one pass touches the whole vocabulary: the blocks' masses (from
+    `block_stats`, combined in float64) locate the block where the cumulative mass passes u, then
+    that block's own weights, in float64, locate the token within it (u's remainder rescaled to the
+    block's mass, so the two stages' roundings cannot push it past the block)."""
     if temperature == 0:
         return logits.argmax(-1)
-    cdf = torch.softmax(logits.double() / temperature, dim=-1).cumsum(-1)
-    u = uniforms(seed, index, step) * cdf[:, -1]
-    return torch.searchsorted(cdf, u[:, None], right=True)[:, 0].clamp(max=logits.shape[-1] - 1)
+    vocab, block = logits.shape[1], DRAW_BLOCK
+    top, mass = block_stats(logits, temperature, block)
+    peak = top.amax(-1, keepdim=True)
+    masses = mass.double() * torch.exp((top - peak).double())  # relative to the row's maximum
+    cum = masses.cumsum(-1)
+    u = uniforms(seed, index, step) * cum[:, -1]
+    chosen = torch.searchsorted(cum, u[:, None], right=True).clamp(max=top.shape[1] - 1)  # [B, 1]
+    before = torch.where(chosen > 0, cum.gather(1, (chosen - 1).clamp(min=0)), 0.0)
+    columns = chosen * block + torch.arange(block, device=logits.device)  # [B, block]
+    real = columns < vocab
+    x = logits.gather(1, columns.clamp(max=vocab - 1)).to(top.dtype) / temperature
+    weights = torch.where(real, torch.exp((x - top.gather(1, chosen)).double()), 0.0).cumsum(-1)
+    rest = (u[:, None] - before) / masses.gather(1, chosen) * weights[:, -1:]
+    within = torch.searchsorted(weights, rest, right=True).clamp(max=block - 1)
+    return (chosen * block + within)[:, 0].clamp(max=vocab - 1)
 
 
 @torch.no_grad()

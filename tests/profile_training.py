@@ -1,6 +1,7 @@
 """Where a training step's time goes: GPU kernel time against wall time, and the costliest kernels.
 
-    python -m tests.profile_training --size 0.5b --steps 6     # on a GPU
+    python -m tests.profile_training --size 0.5b --steps 6             # on a GPU
+    python -m tests.profile_training --size 0.5b --steps 6 --cohort 3  # three students in one pass
 
 A step whose kernel time is far below its wall time is launch-bound (CPU overhead); otherwise the
 table says which kernels to speed up. Same model, data and trainer as tests/bench_training.py.
@@ -8,6 +9,7 @@ table says which kernels to speed up. Same model, data and trainer as tests/benc
 from __future__ import annotations
 
 import tempfile
+from pathlib import Path
 
 import click
 import torch
@@ -16,7 +18,7 @@ from torch.profiler import ProfilerActivity, profile
 from src.checkpoint import random_model
 from src.constants import TRAIN
 from src.model import Qwen2Config
-from src.train import train
+from src.train import Student, train_cohort
 from tests.bench_training import shape, synthetic_pairs
 
 
@@ -25,28 +27,31 @@ from tests.bench_training import shape, synthetic_pairs
 @click.option("--steps", default=6, show_default=True, help="Profiled optimizer steps (after 2 warm-up steps).")
 @click.option("--micro", default=None, type=int)
 @click.option("--checkpointing/--no-checkpointing", default=False)
+@click.option("--cohort", default=1, show_default=True, help="Students trained together.")
 @click.option("--rows", default=25, show_default=True)
-def main(size: str, steps: int, micro: int | None, checkpointing: bool, rows: int) -> None:
+def main(size: str, steps: int, micro: int | None, checkpointing: bool, cohort: int, rows: int) -> None:
     model = random_model(Qwen2Config.from_dict(shape(size)), dtype=torch.bfloat16, device="cuda")
     model.checkpointing = checkpointing
     pairs = synthetic_pairs(shape(size)["vocab_size"], TRAIN.batch_size * (steps + 2))
     walls: list[float] = []
+    tokens: list[int] = []
 
     def on_step(record: dict) -> None:
         torch.cuda.synchronize()
         walls.append(record["tokens"] / record["tokens_per_s"])
+        tokens.append(record["tokens"])
         if record["step"] == 2:
             prof.start()
 
     with tempfile.TemporaryDirectory() as tmp:
         prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
-        train(model, pairs, f"{tmp}/a", f"{tmp}/w", max_steps=steps + 2, micro_batch=micro,
-              checkpoint_every=10**9, on_step=on_step)
+        students = [Student(pairs, Path(tmp) / f"a{i}", Path(tmp) / f"w{i}", i) for i in range(cohort)]
+        train_cohort(model, students, max_steps=steps + 2, micro_batch=micro, checkpoint_every=10**9, on_step=on_step)
         prof.stop()
     events = prof.key_averages()
     kernel_us = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
     wall = sum(walls[2:]) / steps
-    click.echo(f"{size}: wall {wall * 1e3:.1f} ms/step, GPU kernels {kernel_us / steps / 1e3:.1f} ms/step "
+    click.echo(f"{size} x{cohort}: wall {wall * 1e3:.1f} ms/step ({sum(tokens[2:]) / sum(walls[2:]):,.0f} tokens/s), GPU kernels {kernel_us / steps / 1e3:.1f} ms/step "
                f"({kernel_us / steps / 1e6 / wall:.0%} busy), kernels launched/step "
                f"{sum(e.count for e in events if e.device_type == torch.autograd.DeviceType.CUDA) // steps}")
     click.echo(events.table(sort_by="self_device_time_total", row_limit=rows, max_name_column_width=60))

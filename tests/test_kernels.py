@@ -73,3 +73,20 @@ def test_swiglu(dtype, tol):
     torch.manual_seed(2)
     g, u = (torch.randn(3, 4, 130, device=DEVICE).to(dtype) * 4 for _ in range(2))
     compare(swiglu, eager_swiglu, [g, u], dtype, tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("vocab", [160, 1024, 3000])
+def test_block_stats(dtype, vocab):
+    """The sampler's per-block (max, sum of exp) in one Triton pass equals the torch formula, the last
+    block partial or not."""
+    from kernels.sampling import block_stats
+    from src import sampler
+
+    torch.manual_seed(3)
+    logits = (torch.randn(5, vocab, device=DEVICE) * 4).to(dtype)
+    top, mass = block_stats(logits, 0.7, 256)
+    want_top, want_mass = sampler.block_stats(logits.cpu(), 0.7, 256)  # the torch path (CPU)
+    assert top.shape == want_top.shape == (5, -(-vocab // 256))
+    assert torch.allclose(top.cpu(), want_top, rtol=1e-6, atol=0)
+    assert (mass.cpu() - want_mass).abs().max().item() <= 1e-5 * want_mass.abs().max().item()

@@ -157,6 +157,28 @@ def test_first_token_distribution_matches_softmax(tiny, temperature):
     assert _chi_square_p_upper(stat_other, dof_other) < 1e-6, (stat_other, dof_other)
 
 
+@pytest.mark.parametrize("vocab", [160, 1025, 151936])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_draw_equals_inverse_cdf_over_the_whole_vocabulary(vocab, dtype):
+    """The two-stage draw (block masses, then one block) picks the token that one float64 cumulative
+    sum over softmax(logits / T) picks for the same uniform, for rows from flat to peaked."""
+    torch.manual_seed(vocab)
+    rows = 300
+    logits = (torch.randn(rows, vocab) * torch.linspace(0.1, 12, rows)[:, None]).to(dtype)
+    index, step = torch.arange(rows), torch.full((rows,), 5)
+    for temperature in (1.0, 0.6):
+        cdf = torch.softmax(logits.double() / temperature, -1).cumsum(-1)
+        u = uniforms(3, index, step) * cdf[:, -1]
+        want = torch.searchsorted(cdf, u[:, None], right=True)[:, 0].clamp(max=vocab - 1)
+        got = draw(logits, temperature, index, step, 3)
+        assert (got == want).float().mean().item() >= 0.99, temperature  # differ only within rounding of u
+        assert got.max().item() < vocab
+        below = torch.where(want > 0, cdf.gather(1, (want - 1).clamp(min=0)[:, None])[:, 0], 0.0)
+        above = cdf.gather(1, want[:, None])[:, 0]
+        far = torch.minimum(u - below, above - u) > 1e-9  # u not within rounding of a token's edge
+        assert far.float().mean().item() > 0.9 and torch.equal(got[far], want[far])
+
+
 def test_uniforms_are_uniform_and_independent():
     """The counter hash: 100 equal bins of u, and 10x10 bins of pairs (u at consecutive steps, at
     consecutive indices, under consecutive seeds), each a chi-square p-value above 1e-3."""

@@ -1,0 +1,46 @@
+"""Where the sampler's time goes: the same batch sampled at temperature 1 (softmax, cumulative sum,
+search over the vocabulary per token) and at temperature 0 (argmax), and with one new token (the fixed
+cost of a call: cache allocation, prefill, CUDA-graph capture).
+
+    python -m tests.profile_sampling --size 0.5b --batch 256 --batch 1024     # on a GPU
+
+Ours only (tests/bench_sampling.py compares with transformers). Random-initialised exact shapes.
+"""
+from __future__ import annotations
+
+import click
+import torch
+
+from src.checkpoint import random_model
+from src.constants import SHAPES
+from src.model import Qwen2Config
+from src.sampler import sample
+from tests.bench_sampling import _timed
+
+
+@click.command()
+@click.option("--size", default="0.5b", show_default=True)
+@click.option("--batch", "batches", type=int, multiple=True, default=(256, 1024), show_default=True)
+@click.option("--prompt-len", default=100, show_default=True)
+@click.option("--new-tokens", default=100, show_default=True)
+@click.option("--repeats", default=2, show_default=True)
+def main(size: str, batches: tuple[int, ...], prompt_len: int, new_tokens: int, repeats: int) -> None:
+    device = torch.device("cuda")
+    model = random_model(Qwen2Config.from_dict(SHAPES[size]), dtype=torch.bfloat16, device=device)
+    generator = torch.Generator().manual_seed(0)
+    click.echo(f"{size}, prompts of {prompt_len}, {new_tokens} new tokens; seconds per call (median of {repeats})")
+    click.echo(f"{'batch':>6} {'T=1':>7} {'T=0':>7} {'1 token':>8} {'T=1 ms/step':>12} {'T=0 ms/step':>12} {'T=1 tok/s':>10}")
+    for batch in batches:
+        prompts = torch.randint(0, 151_000, (batch, prompt_len), generator=generator).tolist()
+
+        def run(temperature: float, tokens: int) -> float:
+            return _timed(lambda: sample(model, prompts, max_new_tokens=tokens, temperature=temperature, slots=batch),
+                          device, repeats)
+
+        hot, cold, fixed = run(1.0, new_tokens), run(0.0, new_tokens), run(1.0, 1)
+        click.echo(f"{batch:>6} {hot:>7.3f} {cold:>7.3f} {fixed:>8.3f} {(hot - fixed) / new_tokens * 1e3:>12.2f} "
+                   f"{(cold - fixed) / new_tokens * 1e3:>12.2f} {batch * new_tokens / hot:>10.0f}")
+
+
+if __name__ == "__main__":
+    main()
