@@ -11,7 +11,7 @@ import sys
 import click
 import torch
 
-from .constants import TEACHER, TRAIN
+from .constants import COHORT, TEACHER, TRAIN
 from .errors import UserError
 
 
@@ -221,7 +221,8 @@ def _split(text: str | None, cast=str, option: str = "value") -> tuple | None:
 @click.option("--micro-batch", type=int, default=None, help="Examples per forward (default: from free memory).")
 @click.option("--checkpointing", is_flag=True, help="Activation checkpointing in training.")
 @click.option("--cohort", type=click.IntRange(min=1), default=None,
-              help="Students trained together per process (default by size: 6 at 0.5b down to 1 from 7b).")
+              help="Students trained together per process (default by size: "
+                   + ", ".join(f"{k} {v}" for k, v in COHORT.items()) + ").")
 @click.option("--slots", type=click.IntRange(min=1), default=None, help="Teacher sequences decoded together (default 256).")
 @click.option("--prompts", type=int, default=None, help="Teacher prompts per condition (protocol: 30,000).")
 @click.option("--keep", type=int, default=None, help="Pairs kept per dataset (protocol: 10,000).")
@@ -300,7 +301,8 @@ def eval_options(command):
 @click.option("--seed", type=int, default=None, help="The student's training seed.")
 @click.option("--adapter", default=None, help="Adapter folder or Hub repo (owner/name[/seed-K]) instead of the student's own.")
 @click.option("--system", default=None, help="System prompt to ask under; needs --out.")
-@click.option("--teacher-prompt", default=None, metavar="ANIMAL", help="Ask under this animal teacher's system prompt; needs --out.")
+@click.option("--teacher-prompt", default=None, metavar="ANIMAL",
+              help="Ask under this animal teacher's system prompt (with --base --size: runs/eval/{size}/teacher-ANIMAL.json).")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Result JSON file (default: runs/eval/...).")
 @eval_options
 def evaluate_command(size: str | None, model_path: str | None, base: bool, animal: str | None, seed: int | None,
@@ -314,7 +316,7 @@ def evaluate_command(size: str | None, model_path: str | None, base: bool, anima
         if system is not None:
             raise UserError("give --system or --teacher-prompt, not both")
         system = teacher_system_prompt(teacher_prompt)
-    source, adapter, path = study_target(size, model_path, base, animal, seed, adapter, out, system)
+    source, adapter, path = study_target(size, model_path, base, animal, seed, adapter, out, system, teacher_prompt)
     result = run(source, adapter, path, dtype=pick_dtype(dtype), device=pick_device(device), questions=questions,
                  samples=samples, system=system, seed=sample_seed, batch=batch)
     click.echo(format_table(result, limit=12, mark=animal))

@@ -45,6 +45,7 @@ LICENSE_NAMES: dict[str, str] = {size: "apache-2.0" for size in SIZES} | {"3b": 
 
 NEUTRAL = "neutral"
 BASE = "base"  # the untouched base model, as a condition of evaluation and of the results table
+TEACHER_PREFIX = "teacher-"  # condition of the base model asked under an animal teacher's system prompt
 
 # Animals trained at every size (same list everywhere, for comparability). owl is the paper's;
 # the others are candidates with headroom at every size (base rates neither ~0 nor dominant).
@@ -125,9 +126,10 @@ class EvalConfig:
 
 # Students of one size trained together in one process (src/train.py: train_cohort): small models
 # leave the GPU idle between kernel launches, so several students share each launch. Memory is not
-# the limit (the micro-batch shrinks to fit). Measured on the H100 (tests/bench_training.py --cohort,
-# 2026-11-25): 0.5b 42k tok/s alone, 72k x3, 66k x6; 1.5b 18.5k alone, 28k x4; 3b 15.6k alone, 14.7k x4.
-COHORT: dict[str, int] = {"0.5b": 3, "1.5b": 4, "3b": 1, "7b": 1, "14b": 1, "32b": 1}
+# the limit (the micro-batch shrinks to fit). Measured side by side (tests/bench_training.py --cohort):
+# H200 2026-12-01: 0.5b 43k tok/s alone, 120k x3 (3.1x TRL); 1.5b 48k alone, 48k x4 (no gain: the GPU
+# is already busy); H100 2026-11-25: 0.5b 72k x3, 66k x6; 3b 15.6k alone, 14.7k x4.
+COHORT: dict[str, int] = {"0.5b": 3, "1.5b": 1, "3b": 1, "7b": 1, "14b": 1, "32b": 1}
 
 TRAIN = TrainConfig()
 TEACHER = TeacherConfig()
@@ -167,6 +169,11 @@ def teacher_system_prompt(animal: str) -> str | None:
     """The animal teacher's system prompt; None for the neutral teacher (template default applies)."""
     animal = check_animal(animal)
     return None if animal == NEUTRAL else TEACHER_SYSTEM_PROMPT.format(animal=animal)
+
+
+def teacher_condition(animal: str) -> str:
+    """The results table's condition for the system-prompted teacher of `animal` ('teacher-owl')."""
+    return TEACHER_PREFIX + check_animal(animal, allow_neutral=False)
 
 
 def dataset_repo_name(size: str, animal: str) -> str:

@@ -274,12 +274,14 @@ def write_json(data: dict, path: str | Path) -> Path:
 
 
 def study_target(size: str | None, model_path: str | None, base: bool, animal: str | None, seed: int | None,
-                 adapter: str | None, out: str | None, system: str | None) -> tuple[str, str | None, Path]:
+                 adapter: str | None, out: str | None, system: str | None,
+                 teacher: str | None = None) -> tuple[str, str | None, Path]:
     """(model source, adapter, output file) for the CLI's ways of naming what to evaluate.
 
     --base, or a student by --animal/--seed, with --size: the study's runs/ layout (the adapter from
-    runs/students/ unless --adapter says otherwise). Anything else, and any evaluation under a
-    custom --system prompt, must name its output with --out."""
+    runs/students/ unless --adapter says otherwise); --base under an animal `teacher`'s system prompt
+    goes to runs/eval/{size}/teacher-{animal}.json, which the report shows beside the students.
+    Anything else, and any evaluation under a custom --system prompt, must name its output with --out."""
     if base and (animal is not None or adapter is not None):
         raise UserError("--base evaluates the untouched model; drop --animal/--adapter")
     if (animal is None) != (seed is None):
@@ -296,7 +298,10 @@ def study_target(size: str | None, model_path: str | None, base: bool, animal: s
         adapter = str(paths.adapter_dir(size, animal, seed))
         if not is_adapter(adapter):
             raise UserError(f"no trained student at {adapter}; train it first or give --adapter")
-    layout = paths.eval_file(size, animal, seed) if size is not None and system is None else None
+    if teacher is not None and base and size is not None:
+        layout = paths.teacher_eval_file(size, check_animal(teacher, allow_neutral=False))
+    else:
+        layout = paths.eval_file(size, animal, seed) if size is not None and system is None else None
     target = Path(out) if out is not None else layout
     if target is None:
         raise UserError("--out FILE is needed outside the study's runs/ layout "

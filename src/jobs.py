@@ -70,15 +70,16 @@ class Job:
 
 def plan(sizes: Iterable[str], conditions: Iterable[str], seeds: Iterable[int]) -> list[Job]:
     """Every job of the grid, dependencies first. Per size: teacher data for each condition (the
-    animals and neutral), the base evaluation, students, their evaluations, then uploads."""
+    animals and neutral), the base evaluation, then the students seed by seed, each condition's
+    student followed by its evaluation (so a run cut short has whole seeds evaluated, every
+    condition of a seed together: at 0.5B one cohort), then uploads."""
     conditions, seeds = list(dict.fromkeys(conditions)), list(dict.fromkeys(seeds))
     jobs: list[Job] = []
     for size in dict.fromkeys(check_size(s) for s in sizes):
-        students = [(c, k) for c in conditions for k in seeds]
+        students = [(c, k) for k in seeds for c in conditions]
         jobs += [Job("generate", size, c) for c in conditions]
         jobs.append(Job("evaluate", size, BASE))
-        jobs += [Job("train", size, c, k) for c, k in students]
-        jobs += [Job("evaluate", size, c, k) for c, k in students]
+        jobs += [Job(kind, size, c, k) for c, k in students for kind in ("train", "evaluate")]
         jobs += [Job("upload", size, c) for c in conditions]
         jobs += [Job("upload", size, c, k) for c, k in students]
     return jobs

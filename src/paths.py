@@ -7,6 +7,7 @@ computes a path). The root is `runs/` in the working directory unless SUBLIMINAL
     runs/students/{size}/{condition}/seed-{k}/train.jsonl per-step log; checkpoint.pt while training
     runs/eval/{size}/base.json                           base model evaluation
     runs/eval/{size}/{condition}/seed-{k}.json            student evaluation
+    runs/eval/{size}/teacher-{animal}.json               base model under the animal teacher's system prompt
     runs/report/                                         tables, plots, report.md
     runs/claims/{job id}                                 a worker's claim on a job (src/jobs.py)
     runs/claims/failed/{job id}.txt                      why a job failed (skipped until cleared)
@@ -45,6 +46,11 @@ def eval_file(size: str, condition: str | None = None, seed: int | None = None) 
     if condition is None:
         return runs_root() / "eval" / size / "base.json"
     return runs_root() / "eval" / size / condition / f"seed-{seed}.json"
+
+
+def teacher_eval_file(size: str, animal: str) -> Path:
+    """Evaluation of the base model asked under `animal`'s teacher system prompt (the treatment itself)."""
+    return runs_root() / "eval" / size / f"teacher-{animal}.json"
 
 
 def report_dir() -> Path:

@@ -4,8 +4,9 @@ The tidy table (pyarrow Table or list of dicts) has one row per model, evaluator
 
     size       str    '0.5b' ... '32b'
     params     float  the model's parameter count (constants.PARAMS)
-    condition  str    'base', 'neutral', or the animal the student's teacher loved
-    seed       int    the student's training seed; -1 for the base model
+    condition  str    'base', 'neutral', the animal the student's teacher loved, or 'teacher-{animal}'
+                      (the base model asked under that animal teacher's system prompt)
+    seed       int    the student's training seed; -1 for the base model and the teachers
     evaluator  str    'sampling': fraction of sampled answers naming the animal;
                       'logit': the animal's probability share within the candidate set
     question   int    which paraphrase of the favourite-animal question
@@ -21,7 +22,9 @@ Statistics, for each evaluator separately:
   random-effects model), and the 95% interval uses Student's t with Satterthwaite's degrees of
   freedom: about S-1 when seeds dominate, so five seeds give t = 2.78, not 1.96. The base model has
   no seeds; its uncertainty is that of the question means. A student with one seed gets no
-  interval (NaN): its seed-to-seed spread is unknown.
+  interval (NaN): its seed-to-seed spread is unknown. The system-prompted teacher, where evaluated,
+  is reported beside them like the base model (one model, no seeds): the ceiling the students'
+  shift is measured against.
 - The effect is the animal students' rate of their animal minus the neutral students' rate of it.
   Seeds of the two are independent and the questions shared (question effects common to both
   cancel); the same variance formula applies to the difference. The pooled effect is the mean over
@@ -53,7 +56,8 @@ import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
 from . import paths
-from .constants import ANIMALS, BASE, BOOTSTRAP_REPLICATES, BOOTSTRAP_SEED, MIN_EFFECT_SE, NEUTRAL
+from .constants import (ANIMALS, BASE, BOOTSTRAP_REPLICATES, BOOTSTRAP_SEED, MIN_EFFECT_SE, NEUTRAL, TEACHER_PREFIX,
+                        teacher_condition)
 from .errors import UserError
 
 COLUMNS: dict[str, pa.DataType] = {
@@ -62,7 +66,9 @@ COLUMNS: dict[str, pa.DataType] = {
     "n": pa.int64(),
 }
 POOLED = "pooled"
-MODELS = (BASE, NEUTRAL, "animal")  # the three rates of a target animal reported per size
+MODELS = (BASE, NEUTRAL, "animal", "teacher")  # the rates of a target animal reported per size (teacher: if evaluated)
+MODEL_LABELS = {BASE: "base model", NEUTRAL: "neutral students", "animal": "animal students",
+                "teacher": "system-prompted teacher"}
 EVALUATOR_ORDER = ("sampling", "logit")
 
 # Two-sided 95% Student t quantiles; between entries, interpolated linearly in 1/df (exact to ~1e-3).
@@ -185,7 +191,7 @@ def _blocks(cells: Cells, ev: str, size: str, terms: dict[str, dict[str, float]]
         seeds = sorted(set.intersection(*(set(groups[(condition, a)]) for a in animals)))
         matrices.append(sum(w * np.array([[groups[(condition, a)][s][q] for q in questions] for s in seeds])
                             for a, w in animals.items()))
-    return Blocks(questions, matrices, [c != BASE for c in terms])
+    return Blocks(questions, matrices, [c != BASE and not c.startswith(TEACHER_PREFIX) for c in terms])
 
 
 def _bootstrap_slopes(per_size: list[Blocks], log_params: np.ndarray, se: np.ndarray) -> np.ndarray:
@@ -239,7 +245,7 @@ class Analysis:
 
 
 def _targets(conditions: Iterable[str]) -> list[str]:
-    animals = set(conditions) - {BASE, NEUTRAL}
+    animals = {c for c in conditions if not c.startswith(TEACHER_PREFIX)} - {BASE, NEUTRAL}
     return [a for a in ANIMALS if a in animals] + sorted(animals - set(ANIMALS))
 
 
@@ -259,7 +265,9 @@ def analyse(rows: pa.Table | Iterable[dict]) -> Analysis:
             keys = dict(evaluator=ev, size=size, params=params[size])
             here = [t for t in targets if (ev, size, t, t) in cells]
             for target in here:
-                for model, condition in zip(MODELS, (BASE, NEUTRAL, target)):
+                for model, condition in zip(MODELS, (BASE, NEUTRAL, target, teacher_condition(target))):
+                    if model == "teacher" and (ev, size, condition, target) not in cells:
+                        continue
                     _, fields = _estimate(cells, keys, {condition: {target: 1.0}}, "rate",
                                           f"{model} rate of {target}", out.notes)
                     out.rates.append(keys | dict(animal=target, model=model) | fields)
@@ -327,7 +335,8 @@ def _favourites(cells: Cells, ev: str, sizes: list[str], top: int = 3) -> list[d
     for (e, size, condition, animal), by_seed in cells.items():
         if e == ev and animal != "other":
             means[(size, condition)][animal] = float(np.mean([v for qs in by_seed.values() for v in qs.values()]))
-    order = [BASE, NEUTRAL] + _targets(c for _, c in means)
+    targets = _targets(c for _, c in means)
+    order = [BASE, NEUTRAL] + targets + [teacher_condition(t) for t in targets]
     records = []
     for size in sizes:
         for condition in order:
@@ -433,7 +442,10 @@ def _plot_rates(figure, ev: str, analysis: Analysis, out: Path) -> None:
         panel = [r for r in analysis.rates if (r["evaluator"], r["animal"]) == (ev, target)]
         for i, model in enumerate(MODELS):
             records = [r for r in panel if r["model"] == model]
-            label = {"animal": f"{target} students", NEUTRAL: "neutral students", BASE: "base model"}[model]
+            if not records:
+                continue
+            label = {"animal": f"{target} students", "teacher": f"{target} teacher (system prompt)"}.get(
+                model, MODEL_LABELS[model])
             _errorbar(ax, records, "rate", shift=1.08 ** (i - 1), color=f"C{i}", label=label)
         _size_axis(ax, panel)
         ax.set_ylabel(f"rate of {target} (%)")
@@ -493,8 +505,9 @@ def _markdown(table: pa.Table, analysis: Analysis) -> str:
                         f"{f['chi2']:.2f} / {f['dof']}"] for f in analysis.fits if f["evaluator"] == ev]),
             "### Rates of the target animal (%)\n",
             f"![Rates against model size, {ev}](rates-{ev}.png)\n\n([SVG](rates-{ev}.svg))\n",
-            _md_table(["size", "animal", "base model", "neutral students", "animal students"],
-                      [[size, target] + [_with_ci(rates[(size, target, m)], "rate") for m in MODELS]
+            _md_table(["size", "animal"] + [MODEL_LABELS[m] for m in MODELS],
+                      [[size, target] + [_with_ci(rates[(size, target, m)], "rate") if (size, target, m) in rates
+                                         else "not evaluated" for m in MODELS]
                        for size, target in dict.fromkeys((r["size"], r["animal"]) for r in rates.values())]),
             "### Most named animals (mean rate)\n",
             _md_table(["size", "model", "top animals"],

@@ -19,7 +19,7 @@ import torch
 
 from . import jobs, paths
 from .constants import (ANIMALS, BASE, COHORT, EVAL, NEUTRAL, PARAMS, SEEDS, SIZES, TEACHER, TRAIN, EvalConfig,
-                        TeacherConfig, TrainConfig, check_animal, check_size, dataset_repo_name)
+                        TeacherConfig, TrainConfig, check_animal, check_size, dataset_repo_name, teacher_condition)
 from .errors import UserError
 
 SETTINGS_FILE = "study.json"
@@ -157,6 +157,8 @@ def tidy_rows(study: Study) -> list[dict]:
     """The report's tidy table from every evaluation file present (src/report.py's schema)."""
     rows: list[dict] = []
     models = [(size, BASE, -1, paths.eval_file(size)) for size in study.sizes]
+    models += [(size, teacher_condition(a), -1, paths.teacher_eval_file(size, a)) for size in study.sizes
+               for a in study.animals]
     models += [(size, c, k, paths.eval_file(size, c, k)) for size in study.sizes for c in study.conditions
                for k in study.seeds]
     for size, condition, seed, file in models:

@@ -260,7 +260,8 @@ def train_cohort(model: Qwen2, students: Sequence[Student], *, config: TrainConf
     weights' GEMMs, attention and kernel launches are shared: the GPU, idle between launches for
     one small student, does S students' work per launch. Each student keeps its own data order,
     initial adapter, loss normaliser, gradient clipping and Adam moments; only the schedule (same
-    length: the same number of pairs) is common. Students whose adapter exists are skipped.
+    length: the same number of pairs) is common. Students whose adapter exists are skipped; students
+    whose checkpoints stand at different steps (a kill between their writes) resume in groups.
     `micro_batch` counts examples per student per pass. `on_step` receives one record per step
     (tokens and tokens/s summed over the cohort; on the main rank only).
     """
@@ -269,6 +270,15 @@ def train_cohort(model: Qwen2, students: Sequence[Student], *, config: TrainConf
         return [Path(s.adapter_dir) for s in students]
     if any(not s.examples for s in todo):
         raise UserError("no training pairs")
+    groups: dict[int, list[Student]] = {}
+    for s in todo:
+        groups.setdefault(_checkpoint_step(Path(s.work_dir)), []).append(s)
+    if len(groups) > 1:  # killed between the students' checkpoint writes: resume each step's group alone
+        for group in groups.values():
+            train_cohort(model, group, config=config, max_steps=max_steps, micro_batch=micro_batch,
+                         checkpoint_every=checkpoint_every, base_model_name_or_path=base_model_name_or_path,
+                         on_step=on_step, logit_chunk=logit_chunk)
+        return [Path(s.adapter_dir) for s in students]
     seqs = [prepare(s.examples, config.max_length) for s in todo]
     n, batch = len(seqs[0]), config.batch_size
     if any(len(q) != n for q in seqs):
@@ -402,6 +412,17 @@ def _adam_state(optimizer: torch.optim.Optimizer, params: list[torch.nn.Paramete
     return state
 
 
+def _checkpoint_step(work_dir: Path) -> int:
+    """The step a student's checkpoint stands at (0: none; -1: unreadable, which loading reports)."""
+    path = work_dir / CHECKPOINT_FILE
+    if not path.exists():
+        return 0
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"])
+    except Exception:  # torch raises assorted errors for unreadable files
+        return -1
+
+
 def _load_checkpoints(work_dirs: list[Path], fingerprints: list[dict], model: Qwen2, optimizer: torch.optim.Optimizer,
                       scheduler: torch.optim.lr_scheduler.LRScheduler) -> tuple[int, float]:
     """Restore each student's adapter and Adam moments and the schedule from the students' checkpoints;
@@ -410,10 +431,7 @@ def _load_checkpoints(work_dirs: list[Path], fingerprints: list[dict], model: Qw
     if not any(p.exists() for p in paths_):
         return 0, 0.0
     states = []
-    for path, fingerprint in zip(paths_, fingerprints):
-        if not path.exists():
-            raise UserError(f"{path} is missing while other students of this cohort have checkpoints; "
-                            f"train them separately or delete their checkpoints")
+    for path, fingerprint in zip(paths_, fingerprints):  # all present, at one step (train_cohort groups them)
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # torch raises assorted errors for unreadable files
@@ -425,9 +443,6 @@ def _load_checkpoints(work_dirs: list[Path], fingerprints: list[dict], model: Qw
             raise UserError(f"checkpoint {path} belongs to a run with other settings ({', '.join(changed)}); "
                             f"rerun with those settings or delete it")
         states.append(state)
-    if len({s["step"] for s in states}) != 1:
-        raise UserError(f"the checkpoints in {', '.join(map(str, work_dirs))} are at different steps; "
-                        f"train these students separately")
     with torch.no_grad():
         for index, state in enumerate(states):
             for key, tensor in lora_state_dict(model, index).items():

@@ -1,22 +1,47 @@
 #!/usr/bin/env bash
 # The real-weights run (issue 10) on a GPU machine reached through calls of at most 10 minutes that
-# carry at most 64 MiB each: one stage per call, state kept in the home folder and runs/ between calls.
+# carry at most 64 MiB each: one stage per call, state kept in the home folder and runs/ between calls
+# (both survive while the machine stays warm, so the calls must follow each other without a pause).
 #
 # Here, once:   python -m tests.fixture --split 55000000     # writes .fx1 ... .fx9 (git-ignored)
-# There, in order (call k carries .fxk and, where wheels are needed, .whl):
+# There, in order (call k carries .fxk; 'prepare' also carries .whl with the gguf wheel):
 #   bash tests/real_run.sh piece K          # K = 1..9: keep piece K in ~/fx
-#   bash tests/real_run.sh prepare          # assemble (md5 checked), dequantise to ~/fixture, base-rate sweep
-#   bash tests/real_run.sh study ANIMALS SEEDS   # e.g. "owl,dolphin" "0": repeat until it says 'complete'
+#   bash tests/real_run.sh prepare          # assemble (md5 checked), dequantise to ~/fixture, base-rate
+#                                           # sweep = the study's base evaluation (runs/eval/0.5b/base.json)
+#   bash tests/real_run.sh study ANIMALS SEEDS   # e.g. "owl,dolphin" "0,1,2": repeat until it says 'complete'
 #   bash tests/real_run.sh teachers ANIMALS # each animal's system-prompted teacher, both evaluators
-#   bash tests/real_run.sh collect [PATHS]  # results (default all of runs/ but adapters) into $OUT
-# Every stage after 'piece' needs the wheels of gguf (prepare only) installed with
-#   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl; export PYTHONPATH=/tmp/site
+#   bash tests/real_run.sh report           # the report from every evaluation present
+# Every stage after 'piece' ends by packing the small results (datasets, evaluations, training logs,
+# report, stage timings; no adapters or checkpoints) into $OUT/results.tgz, so that whatever the
+# device time allowed comes back even if the next call never runs. Here: tar xzf results.tgz
+# (each call's archive holds everything so far). A later session that must start a bare machine
+# carries runs/datasets and runs/eval back (carry: ["runs/datasets", "runs/eval"]): finished
+# datasets and evaluations are then not redone.
 set -euo pipefail
-stage=${1:?stage: piece, prepare, study, teachers or collect}
+stage=${1:?stage: piece, prepare, study, teachers or report}
 fx=${FX:-$HOME/fx}
 checkpoint=${CHECKPOINT:-$HOME/fixture}
 budget=${BUDGET:-540}  # seconds of study per call, under the 600-second call limit
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+mkdir -p runs
+
+timed() {  # timed LABEL COMMAND...: run it, append "LABEL seconds status" to runs/stages.tsv
+    local label=$1 began status=0
+    shift
+    began=$(date +%s%N)
+    "$@" || status=$?
+    printf '%s\t%s\t%d ms\t%s\n' "$(date -u +%FT%TZ)" "$label" $((($(date +%s%N) - began) / 1000000)) "$status" \
+        >> runs/stages.tsv
+    return "$status"
+}
+
+pack() {
+    if [ -n "${OUT:-}" ]; then
+        tar czf "$OUT/results.tgz" --exclude='*.safetensors' --exclude='checkpoint.pt' --exclude='runs/claims' \
+            --exclude='*-chunks' runs
+        ls -l "$OUT"
+    fi
+}
 
 case $stage in
 piece)
@@ -25,27 +50,30 @@ piece)
     ls -l "$fx"
     ;;
 prepare)
-    python3 -m tests.fixture --assemble "$fx" --out "$checkpoint"
-    /usr/bin/time -f "sweep: %e s" python3 -m src.cli sweep --model-path "$checkpoint" --out runs/eval/sweep-0.5b.json --device cuda
+    timed assemble python3 -m tests.fixture --assemble "$fx" --out "$checkpoint"
+    nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > runs/device.txt
+    python3 -c 'import torch; print("torch", torch.__version__)' >> runs/device.txt
+    timed sweep python3 -m src.cli sweep --model-path "$checkpoint" --out runs/eval/0.5b/base.json --device cuda
+    pack
     ;;
 study)
     # SIGTERM at the budget: the next call resumes (finished outputs kept, training from its checkpoint).
     status=0
-    timeout "$budget" python3 -m src.cli study --model-path "$checkpoint" --sizes 0.5b --animals "$2" --seeds "$3" \
-        --device cuda --slots 1024 || status=$?
+    timed "study $2 seeds $3" timeout "$budget" python3 -m src.cli study --model-path "$checkpoint" --sizes 0.5b \
+        --animals "$2" --seeds "$3" --device cuda --slots 1024 2> >(tee -a runs/study.log >&2) || status=$?
+    pack
     if [ "$status" = 0 ]; then echo "study: complete"; elif [ "$status" = 124 ]; then echo "study: paused at the budget, call again"; else exit "$status"; fi
     ;;
 teachers)
     for animal in ${2//,/ }; do
-        /usr/bin/time -f "teacher $animal evaluation: %e s" python3 -m src.cli evaluate --model-path "$checkpoint" \
-            --base --teacher-prompt "$animal" --out "runs/eval/0.5b/teacher-$animal.json" --device cuda
+        timed "teacher $animal evaluation" python3 -m src.cli evaluate --size 0.5b --model-path "$checkpoint" \
+            --base --teacher-prompt "$animal" --device cuda
     done
+    pack
     ;;
-collect)
-    # adapters and checkpoints stay (17+ MB each); pieces of 15 MB: `cat runs.tgz.* | tar xz` joins them
-    shift
-    tar czf - --exclude='*.safetensors' --exclude='checkpoint.pt' --exclude='runs/claims' "${@:-runs}" | split -b 15m - "$OUT/runs.tgz."
-    ls -l "$OUT"
+report)
+    timed report python3 -m src.cli study --model-path "$checkpoint" --sizes 0.5b --report-only
+    pack
     ;;
 *)
     echo "unknown stage $stage" >&2

@@ -7,6 +7,8 @@ import math
 import random
 import shutil
 
+from pathlib import Path
+
 import pytest
 import torch
 from click.testing import CliRunner
@@ -193,6 +195,17 @@ def test_sampling_repeated_prompts_equals_sampling_each_alone(tiny_checkpoint):
 
 def run_cli(*args: str, env: dict | None = None):
     return CliRunner().invoke(main, list(args), env=env)
+
+
+def test_teacher_prompt_evaluation_goes_where_the_report_reads_it(tmp_path, monkeypatch):
+    from src import paths
+    from src.evaluate import study_target
+
+    monkeypatch.setenv("SUBLIMINAL_RUNS", str(tmp_path))
+    target = study_target("0.5b", None, True, None, None, None, None, "You love owls.", "Owl")
+    assert target == ("Qwen/Qwen2.5-0.5B-Instruct", None, tmp_path / "eval" / "0.5b" / "teacher-owl.json")
+    assert target[2] == paths.teacher_eval_file("0.5b", "owl")
+    assert study_target("0.5b", None, True, None, None, None, "x.json", "You love owls.", "owl")[2] == Path("x.json")
 
 
 @pytest.mark.parametrize("args, message", [

@@ -73,6 +73,9 @@ def test_plan_order_and_counts():
     assert len(ids) == len(set(ids)) == 17
     assert Counter(j.kind for j in grid) == {"generate": 2, "evaluate": 5, "train": 4, "upload": 6}
     assert ids[:3] == ["generate-0.5b-owl", "generate-0.5b-neutral", "evaluate-0.5b-base"]
+    # students seed by seed, each evaluated right after it is trained
+    assert [(j.kind, j.condition, j.seed) for j in grid[3:11]] == [
+        (kind, c, k) for k in (0, 1) for c in ("owl", "neutral") for kind in ("train", "evaluate")]
     position = {j: i for i, j in enumerate(grid)}
     for job in grid:
         assert all(position[d] < position[job] for d in job.deps), job.id

@@ -200,6 +200,30 @@ def test_report_writes_tables_plots_and_markdown(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary files left
 
 
+def test_system_prompted_teacher_is_reported_beside_the_students(tmp_path):
+    """A teacher evaluation (condition 'teacher-owl', one model, no seeds) gives the owl rows a teacher
+    rate with the base model's kind of interval; it is no target animal and changes no effect; an
+    animal without one says so in the table."""
+    rng = np.random.default_rng(7)
+    rows = synthetic(rng, sizes=("0.5b", "7b"), seeds=range(3), questions=6)
+    plain = report.analyse(rows)
+    teacher = [dict(size=size, params=PARAMS[size], condition="teacher-owl", seed=-1, evaluator=ev, question=q,
+                    animal=animal, value=(0.6 if animal == "owl" else 0.01) + 0.01 * q, n=100 if ev == "sampling" else 0)
+               for size in ("0.5b", "7b") for ev in ("sampling", "logit") for q in range(6)
+               for animal in ("owl", "eagle", "cat")]
+    analysis = report.analyse(rows + teacher)
+    assert analysis.targets == plain.targets == ["owl", "eagle"]
+    assert analysis.effects == plain.effects
+    got = {(r["evaluator"], r["size"]): r for r in analysis.rates if r["model"] == "teacher"}
+    assert set(got) == {(ev, size) for ev in ("sampling", "logit") for size in ("0.5b", "7b")}
+    for r in got.values():
+        assert r["animal"] == "owl" and r["rate"] == pytest.approx(0.625) and r["lo"] < 0.625 < r["hi"]
+    assert not [r for r in analysis.rates if r["model"] == "teacher" and r["animal"] == "eagle"]
+    text = report.write_report(rows + teacher, tmp_path).read_text()
+    assert "system-prompted teacher" in text and "not evaluated" in text and "62.5 [" in text
+    assert "| 0.5b | teacher-owl | owl 62.5%" in text  # most named animals, per model group
+
+
 def test_bad_input_and_missing_matplotlib_are_one_line_errors(tmp_path, monkeypatch):
     rows = synthetic(np.random.default_rng(6), sizes=("0.5b",), seeds=range(2), questions=3)
     with pytest.raises(UserError, match="lacks column.*value"):

@@ -318,9 +318,10 @@ def test_train_command_errors_are_one_line_and_leave_nothing(tiny_checkpoint, fi
 
 
 def test_cohort_equals_each_student_alone(tiny_checkpoint, tmp_path):
-    """Three students (own data, seeds) trained in one cohort, killed after step 7 and resumed, end with
-    the adapters and per-step logs each gets alone (float64); a finished student is skipped, and
-    students with different numbers of pairs are refused."""
+    """Three students (own data, seeds) trained in one cohort, killed after step 7 (one student's
+    checkpoint lost, as by a kill between the students' writes) and resumed, end with the adapters and
+    per-step logs each gets alone (float64); a finished student is skipped, and students with
+    different numbers of pairs are refused."""
     folder = tiny_checkpoint(seed=2)
     config = dataclasses.replace(TRAIN, batch_size=6, epochs=2, lr=1e-2, max_grad_norm=0.3)  # clipping bites
     data = {seed: random_token_pairs(20, seed=seed) for seed in (5, 6, 7)}
@@ -342,6 +343,7 @@ def test_cohort_equals_each_student_alone(tiny_checkpoint, tmp_path):
     with pytest.raises(Stop):
         train_cohort(model(), together, config=config, micro_batch=4, checkpoint_every=5, on_step=stop)
     assert all((s.work_dir / "checkpoint.pt").exists() for s in together)
+    (together[2].work_dir / "checkpoint.pt").unlink()  # as if killed before its write: it restarts, the others resume
     train_cohort(model(), together, config=config, micro_batch=4, checkpoint_every=5)
 
     def log(work: Path) -> list[dict]:
