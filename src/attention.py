@@ -11,6 +11,7 @@ q, k, v arrive as [B, T, H, D]; the result is [B, T, H * D].
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +36,15 @@ class Padded:
     """Right- or left-padded batch; `key_mask` [B, T] is True on real tokens (None: no padding)."""
 
     key_mask: Tensor | None = None
+
+    @cached_property
+    def mask(self) -> Tensor:
+        """[B, 1, T, T] causal and key mask, built once for all layers. A padding query with no
+        visible key would produce NaN; it sees itself (its output is unused)."""
+        t = self.key_mask.shape[1]
+        causal = torch.ones(t, t, dtype=torch.bool, device=self.key_mask.device).tril()
+        mask = causal[None] & self.key_mask[:, None, :].bool()
+        return (mask | torch.eye(t, dtype=torch.bool, device=self.key_mask.device)[None])[:, None]
 
 
 @dataclass
@@ -85,6 +95,12 @@ class Cached:
     kv_len: int
     fresh: bool = False
 
+    @cached_property
+    def mask(self) -> Tensor:
+        """[B, 1, T, kv_len]: a query at position p sees cache rows <= p (built once for all layers)."""
+        key_pos = torch.arange(self.kv_len, device=self.positions.device)
+        return (key_pos[None, None, :] <= self.positions[:, :, None])[:, None]
+
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool, fixed_shape: bool = False) -> Tensor:
     """q [B, T, H, D], k/v [B, S, Hkv, D] -> [B, T, H*D] via torch SDPA with grouped KV heads."""
@@ -100,12 +116,7 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool, fi
 def _attend_padded(q: Tensor, k: Tensor, v: Tensor, layout: Padded) -> Tensor:
     if layout.key_mask is None:
         return _sdpa(q, k, v, None, causal=True)
-    t = q.shape[1]
-    causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
-    mask = causal[None] & layout.key_mask[:, None, :].bool()
-    # A padding query with no visible key would produce NaN; let it see itself (its output is unused).
-    mask = mask | torch.eye(t, dtype=torch.bool, device=q.device)[None]
-    return _sdpa(q, k, v, mask[:, None], causal=False)
+    return _sdpa(q, k, v, layout.mask, causal=False)
 
 
 def _attend_packed(q: Tensor, k: Tensor, v: Tensor, layout: Packed) -> Tensor:
@@ -142,9 +153,7 @@ def _attend_cached(q: Tensor, k: Tensor, v: Tensor, layout: Cached, layer: int) 
     else:
         keys, values = cache.k[layer, layout.slots, :, : layout.kv_len], cache.v[layer, layout.slots, :, : layout.kv_len]
     keys, values = keys.transpose(1, 2), values.transpose(1, 2)
-    key_pos = torch.arange(layout.kv_len, device=q.device)
-    mask = key_pos[None, None, :] <= layout.positions[:, :, None]  # [B, T, S]
-    return _sdpa(q, keys, values, mask[:, None], causal=False, fixed_shape=True)
+    return _sdpa(q, keys, values, layout.mask, causal=False, fixed_shape=True)
 
 
 Layout = Padded | Packed | Cached
