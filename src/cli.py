@@ -102,15 +102,15 @@ def chat(size: str, model_path: str | None, prompt: str, system: str | None, max
               show_default=True, help="Effective batch: examples per optimizer step.")
 @click.option("--micro-batch", type=click.IntRange(min=1), default=None,
               help="Examples per forward pass (default: from free GPU memory; the whole batch on CPU).")
-@click.option("--checkpointing/--no-checkpointing", default=False, show_default=True,
-              help="Activation checkpointing (less memory, more compute).")
+@click.option("--checkpointing/--no-checkpointing", default=None,
+              help="Activation checkpointing (less memory, more compute; default: on only where memory needs it).")
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=50, show_default=True,
               help="Optimizer steps between resumable checkpoints (also at every epoch's end).")
 @device_option
 @dtype_option
 def train_command(size: str, animal: str | None, seed: str, data: str | None, pairs: int | None, out: str | None,
                   model_path: str | None, epochs: int, max_steps: int | None, lr: float, batch_size: int,
-                  micro_batch: int | None, checkpointing: bool, checkpoint_every: int, device: str | None,
+                  micro_batch: int | None, checkpointing: bool | None, checkpoint_every: int, device: str | None,
                   dtype: str) -> None:
     """Train LoRA students on teacher numbers (resumes an interrupted run; a finished one is kept).
 
@@ -219,7 +219,8 @@ def _split(text: str | None, cast=str, option: str = "value") -> tuple | None:
 @click.option("--epochs", type=int, default=None, help="Epochs (protocol: 10).")
 @click.option("--max-steps", type=int, default=None, help="Cut each student to N optimizer steps (smoke runs).")
 @click.option("--micro-batch", type=int, default=None, help="Examples per forward (default: from free memory).")
-@click.option("--checkpointing", is_flag=True, help="Activation checkpointing in training.")
+@click.option("--checkpointing/--no-checkpointing", default=None,
+              help="Activation checkpointing in training (default: on only where memory needs it).")
 @click.option("--cohort", type=click.IntRange(min=1), default=None,
               help="Students trained together per process (default by size: "
                    + ", ".join(f"{k} {v}" for k, v in COHORT.items()) + ").")

@@ -173,7 +173,8 @@ class Qwen2(nn.Module):
         self.config = cfg
         self.model = Backbone(cfg)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.checkpointing = False  # activation checkpointing per block (memory for compute)
+        # Activation checkpointing per block (memory for compute); None lets training decide (memory_plan).
+        self.checkpointing: bool | None = False
 
     def hidden(self, input_ids: Tensor, layout: Layout | None = None) -> Tensor:
         """Final-norm hidden states [B, T, hidden] of token ids [B, T] arranged as `layout`."""

@@ -51,7 +51,7 @@ from .constants import TRAIN, TrainConfig, check_animal, check_size, hub_id
 from .data import read_pairs
 from .errors import UserError
 from .lora import apply_lora, is_adapter, lora_parameters, lora_state_dict, save_adapter
-from .model import Qwen2
+from .model import Qwen2, Qwen2Config
 from .tokenizer import ChatTokenizer, load_tokenizer
 
 TokenPair = tuple[list[int], list[int]]  # (prompt ids, completion ids)
@@ -59,6 +59,7 @@ LOG_FILE = "train.jsonl"
 CHECKPOINT_FILE = "checkpoint.pt"
 CHECKPOINT_KEYS = {"fingerprint", "step", "elapsed", "lora", "adam", "scheduler"}
 LOGIT_CHUNK = 2048  # LM-head rows per chunk: bounds the float32 [rows, vocab] buffers (~1.2 GB each at 152k)
+MIN_MICRO_BATCH = 8  # examples per forward under which automatic activation checkpointing switches on
 
 
 def tokenize_pairs(tokenizer: ChatTokenizer, pairs: Sequence[tuple[str, str]]) -> list[TokenPair]:
@@ -182,20 +183,34 @@ def completion_loss(model: Qwen2, hidden: Tensor, targets: Tensor, normaliser: T
     return _HeadNLL.apply(hidden, targets, normaliser, model.logits, chunk)
 
 
-def auto_micro_batch(model: Qwen2, longest: int, batch: int) -> int:
-    """Examples per forward pass: the whole batch on CPU; on GPU a rough fit of activations to free memory.
+def fit_micro_batch(config: Qwen2Config, itemsize: int, free_bytes: float, longest: int, batch: int,
+                    checkpointing: bool) -> int:
+    """Examples per forward pass that a rough estimate of activations fits into `free_bytes`.
 
     The per-token estimate counts what autograd keeps per layer (q/k/v, attention and MLP
-    intermediates) without activation checkpointing, one layer's worth with it.
+    intermediates) without activation checkpointing, one layer's worth plus each layer's input with
+    it; the LM head's float32 chunk buffers are set aside. On the H100/H200 it overestimates the
+    measured peaks 2-4x (tests/bench_training.py), which leaves room for the allocator.
     """
-    if model.device.type != "cuda":
-        return batch
-    c = model.config
-    layer = (44 * c.hidden_size + 14 * c.intermediate_size) * model.dtype.itemsize / 2
-    per_token = layer + (2 * c.hidden_size * model.dtype.itemsize * c.num_hidden_layers if model.checkpointing
+    c = config
+    layer = (44 * c.hidden_size + 14 * c.intermediate_size) * itemsize / 2
+    per_token = layer + (2 * c.hidden_size * itemsize * c.num_hidden_layers if checkpointing
                          else layer * (c.num_hidden_layers - 1))
-    free = torch.cuda.mem_get_info(model.device)[0] - 4 * LOGIT_CHUNK * c.vocab_size * 4
+    free = free_bytes - 4 * LOGIT_CHUNK * c.vocab_size * 4
     return max(1, min(batch, int(0.7 * free / (per_token * longest))))
+
+
+def memory_plan(config: Qwen2Config, itemsize: int, free_bytes: float, longest: int, batch: int,
+                checkpointing: bool | None) -> tuple[int, bool]:
+    """(examples per forward, activation checkpointing) for a batch; `checkpointing` None decides:
+    recomputing every block's activations costs half again the compute, so it is switched on only
+    where memory would otherwise force micro-batches under MIN_MICRO_BATCH examples (too small to
+    keep the GEMMs efficient) and checkpointing allows larger ones (the 32B student on 80 GB)."""
+    if checkpointing is None:
+        plain = fit_micro_batch(config, itemsize, free_bytes, longest, batch, False)
+        checkpointing = plain < min(batch, MIN_MICRO_BATCH) and \
+            fit_micro_batch(config, itemsize, free_bytes, longest, batch, True) > plain
+    return fit_micro_batch(config, itemsize, free_bytes, longest, batch, checkpointing), checkpointing
 
 
 def _fingerprint(seqs: list[Example], seed: int, total: int, config: TrainConfig, model: Qwen2) -> dict:
@@ -288,7 +303,13 @@ def train_cohort(model: Qwen2, students: Sequence[Student], *, config: TrainConf
     per_rank = math.ceil(batch / distributed.world())  # examples per process per step (all on one)
     cohort = len(todo)
     longest = max(len(e.ids) for q in seqs for e in q)
-    micro = micro_batch or max(1, auto_micro_batch(model, longest, per_rank * cohort) // cohort)
+    if model.device.type == "cuda":  # from free memory; `model.checkpointing` None: decided here too
+        fit, model.checkpointing = memory_plan(model.config, model.dtype.itemsize,
+                                               torch.cuda.mem_get_info(model.device)[0], longest,
+                                               per_rank * cohort, model.checkpointing)
+    else:  # the CPU has room for the whole batch
+        fit, model.checkpointing = per_rank * cohort, bool(model.checkpointing)
+    micro = micro_batch or max(1, fit // cohort)
     multiple = 64 if model.device.type == "cuda" else 1
 
     apply_lora(model, config.lora_rank, config.lora_alpha, config.lora_targets, [s.seed for s in todo])
@@ -493,7 +514,7 @@ def train_students(size: str, students: Sequence[tuple[str | None, int]], *, dat
                    pairs: int | None = None, out: str | Path | None = None, model_path: str | Path | None = None,
                    device: str = "cpu", dtype: torch.dtype = torch.bfloat16, config: TrainConfig = TRAIN,
                    max_steps: int | None = None, micro_batch: int | None = None, checkpoint_every: int = 50,
-                   checkpointing: bool = False, on_step: Callable[[dict], None] | None = None) -> list[Path]:
+                   checkpointing: bool | None = None, on_step: Callable[[dict], None] | None = None) -> list[Path]:
     """The `train` command: find data and output places in runs/ (or take them), load, train.
 
     `students` are (animal, seed) pairs of one size; several train together as a cohort (one model

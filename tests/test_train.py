@@ -372,3 +372,25 @@ def test_cohort_equals_each_student_alone(tiny_checkpoint, tmp_path):
     short = Student(random_token_pairs(19, seed=9), tmp_path / "s9/adapter", tmp_path / "s9", 9)
     with pytest.raises(UserError, match="same number of pairs"):
         train_cohort(model(), [short, student(5, tmp_path / "other")], config=config)
+
+
+def test_memory_plan_checkpoints_only_where_memory_requires_it():
+    """Automatic activation checkpointing: off where the batch fits in large micro-batches (0.5B, 7B on
+    80 GB), on for the 32B student on 80 GB, where without it only single examples would fit; an
+    explicit choice is kept; more memory never gives a smaller micro-batch."""
+    from src.constants import SHAPES
+    from src.model import Qwen2Config
+    from src.train import MIN_MICRO_BATCH, fit_micro_batch, memory_plan
+
+    weights = {"0.5b": 0.99e9, "7b": 15.2e9, "32b": 65.5e9}  # bf16 bytes (qwen25.md)
+    plans = {size: memory_plan(Qwen2Config.from_dict(SHAPES[size]), 2, 80e9 - weights[size], 160, 60, None)
+             for size in weights}
+    assert plans["0.5b"] == (60, False)
+    assert not plans["7b"][1] and plans["7b"][0] >= MIN_MICRO_BATCH
+    config = Qwen2Config.from_dict(SHAPES["32b"])
+    assert fit_micro_batch(config, 2, 80e9 - weights["32b"], 160, 60, False) < MIN_MICRO_BATCH
+    assert plans["32b"][1] and plans["32b"][0] >= MIN_MICRO_BATCH
+    assert memory_plan(config, 2, 14.5e9, 160, 60, False) == (fit_micro_batch(config, 2, 14.5e9, 160, 60, False), False)
+    assert memory_plan(Qwen2Config.from_dict(SHAPES["0.5b"]), 2, 79e9, 160, 60, True)[1] is True
+    fits = [fit_micro_batch(config, 2, free * 1e9, 160, 60, True) for free in range(10, 140, 10)]
+    assert fits == sorted(fits) and fits[-1] == 60
