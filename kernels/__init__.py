@@ -1,6 +1,7 @@
-"""Triton kernels for the GPU fast paths (RMSNorm, RoPE, SwiGLU, LoRA), imported lazily by src/.
+"""Triton kernels for the GPU fast paths (RMSNorm, RoPE, SwiGLU, the sampler's per-block softmax
+statistics), imported lazily by src/ (`src.model.fused_kernels`).
 
 Not the PyPI package `kernels` that transformers probes for: this package carries no
-distribution metadata and no `__version__`, and tests/test_layout.py checks that transformers'
+distribution metadata and no `__version__`, and tests/test_model.py checks that transformers'
 `is_kernels_available()` stays False with the project root on sys.path.
 """
