@@ -9,7 +9,7 @@ tokenizer.json. It is the only real Qwen2.5-architecture checkpoint reachable wi
     python -m tests.fixture --gguf F   # convert an already assembled GGUF file (e.g. on the GPU)
 
 Moving it to the GPU machine, whose calls carry at most 64 MiB: `--split` writes the GGUF in
-55 MB pieces to `.fx1/piece` ... `.fx9/piece` in the repo root (git-ignored via .git/info/exclude);
+55 MB pieces to `.fx1/piece` ... `.fx9/piece` in the repo root (and ignores them in .git/info/exclude);
 call k carries `.fxk` and copies its piece to `~/fx/k`; the last call runs
 `python -m tests.fixture --assemble ~/fx --out ~/fixture`, which concatenates, checks the md5
 and converts.
@@ -97,8 +97,13 @@ def convert(gguf: Path, out: Path) -> Path:
 
 
 def split(piece_bytes: int, root: Path) -> list[Path]:
-    """Write the cached GGUF as numbered pieces `root/.fx{k}/piece`; return their folders."""
+    """Write the cached GGUF as numbered pieces `root/.fx{k}/piece`; return their folders. In a git
+    checkout the pieces are ignored through .git/info/exclude, or every device call would carry them."""
     gguf = download_gguf(cache_dir())
+    exclude = root / ".git" / "info" / "exclude"
+    if exclude.parent.is_dir() and "/.fx*/" not in (exclude.read_text() if exclude.exists() else "").split():
+        with open(exclude, "a") as f:
+            f.write("/.fx*/\n")
     folders = []
     with open(gguf, "rb") as f:
         for k, block in enumerate(iter(lambda: f.read(piece_bytes), b""), start=1):
