@@ -72,3 +72,27 @@ def test_fixture_greedy_decoding_matches_transformers(fixture_tokenizer, fixture
                                     eos_token_id=list(fixture_tokenizer.stop_ids), pad_token_id=fixture_tokenizer.pad_id)
     assert ours == ref[0, len(prompt):].tolist()
     assert len(ours) > 3
+
+
+def test_gguf_travels_in_pieces_that_assemble_to_the_original(fixture_dir, tmp_path):
+    """The device transfer (tests/real_run.sh): --split writes pieces under the carry limit and ignores
+    them in git; assembling them in a folder gives the md5-checked GGUF back; a missing piece is refused."""
+    import shutil
+
+    from tests import fixture
+
+    root = tmp_path / "repo"
+    (root / ".git" / "info").mkdir(parents=True)
+    folders = fixture.split(60_000_000, root)
+    fixture.split(60_000_000, root)  # again: the exclude line is written once
+    assert [f.name for f in folders] == [f".fx{k}" for k in range(1, len(folders) + 1)] and len(folders) == 9
+    assert all((f / "piece").stat().st_size <= 60_000_000 for f in folders)
+    assert (root / ".git" / "info" / "exclude").read_text().split() == ["/.fx*/"]
+    pieces = tmp_path / "fx"
+    pieces.mkdir()
+    for k, folder in enumerate(folders, start=1):
+        shutil.move(folder / "piece", pieces / str(k))
+    assert fixture.md5sum(fixture.assemble(pieces)) == fixture.MD5
+    (pieces / "3").unlink()
+    with pytest.raises(SystemExit, match="do not assemble"):
+        fixture.assemble(pieces)
