@@ -8,7 +8,7 @@
 #                   --python-version 3.12 --implementation cp --platform manylinux2014_x86_64 -d .whl gguf==0.19.0
 # There, in order (call k carries .fxk; 'prepare' also carries .whl with the gguf wheel):
 #   bash tests/real_run.sh piece K          # K = 1..9: keep piece K in ~/fx
-#   bash tests/real_run.sh prepare          # assemble (md5 checked), dequantise to ~/fixture, base-rate
+#   bash tests/real_run.sh prepare          # GPU tests, assemble (md5 checked), dequantise to ~/fixture, base-rate
 #                                           # sweep = the study's base evaluation (runs/eval/0.5b/base.json)
 #   bash tests/real_run.sh study ANIMALS SEEDS   # e.g. "owl,dolphin" "0,1,2": repeat until it says 'complete'
 #   bash tests/real_run.sh teachers ANIMALS # each animal's system-prompted teacher, both evaluators
@@ -63,6 +63,9 @@ piece)
 prepare)
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
     export PYTHONPATH=/tmp/site
+    if [ "$device" = cuda ]; then  # the fast paths (Triton draw, LoRA backward, kernels) before they are relied on
+        timed gpu-tests python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu.py tests/test_kernels.py
+    fi
     timed assemble python3 -m tests.fixture --assemble "$fx" --out "$checkpoint"
     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > runs/device.txt 2>&1 || true
     python3 -c 'import torch; print("torch", torch.__version__)' >> runs/device.txt
