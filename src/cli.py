@@ -210,7 +210,9 @@ def _split(text: str | None, cast=str, option: str = "value") -> tuple | None:
 @model_path_option
 @device_option
 @dtype_option
-@click.option("--gpus", type=int, default=None, help="Worker processes, one per GPU (default: every visible GPU).")
+@click.option("--gpus", type=int, default=None, help="GPUs to use, a worker process each (default: every visible GPU).")
+@click.option("--per-gpu", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Worker processes sharing each GPU (at 0.5B one leaves the GPU partly idle).")
 @click.option("--worker", is_flag=True, hidden=True, help="Internal: run as one worker of runs/study.json.")
 @click.option("--push", "namespace", default=None, metavar="NAMESPACE", help="Publish datasets and students to this Hub namespace.")
 @click.option("--public", is_flag=True, help="Published repos are public (default private).")
@@ -231,7 +233,7 @@ def _split(text: str | None, cast=str, option: str = "value") -> tuple | None:
 @click.option("--max-new-tokens", type=int, default=None, help="Teacher tokens per answer (default 200).")
 @click.option("--questions", type=int, default=None, help="Evaluation questions (default 50).")
 @click.option("--samples", type=int, default=None, help="Answers sampled per question (default 100).")
-def study_command(sizes, animals, seeds, show_plan, report_only, model_path, device, dtype, gpus, worker, namespace,
+def study_command(sizes, animals, seeds, show_plan, report_only, model_path, device, dtype, gpus, per_gpu, worker, namespace,
                   public, lr, batch_size, epochs, max_steps, micro_batch, checkpointing, cohort, slots, prompts, keep, allow_fewer,
                   max_new_tokens, questions, samples) -> None:
     """Run (or resume) the grid: teacher data, students, evaluations, uploads, then the report."""
@@ -243,7 +245,7 @@ def study_command(sizes, animals, seeds, show_plan, report_only, model_path, dev
 
     if worker:
         study = Study.load()
-        outcome = run_jobs(study, worker_id=f"gpu{os.environ.get('CUDA_VISIBLE_DEVICES', '0')}")
+        outcome = run_jobs(study, worker_id=os.environ.get("SUBLIMINAL_WORKER", "gpu0"))
         sys.exit(1 if outcome["failed"] else 0)
 
     def given(**values):
@@ -265,8 +267,8 @@ def study_command(sizes, animals, seeds, show_plan, report_only, model_path, dev
         study.save()
         jobs.clear_failures()
         workers = gpus if gpus is not None else max(1, torch.cuda.device_count())
-        if workers > 1:
-            failed = jobs.launch_workers(workers, [sys.executable, "-m", "src.cli", "study", "--worker"]) != 0
+        if workers * per_gpu > 1:
+            failed = jobs.launch_workers(workers, [sys.executable, "-m", "src.cli", "study", "--worker"], per_gpu) != 0
         else:
             failed = bool(run_jobs(study)["failed"])
     report = write_study_report(study)

@@ -256,15 +256,22 @@ def claim_more(first: Job, jobs: Iterable[Job], worker_id: int | str, limit: int
     return more
 
 
-def launch_workers(n_gpus: int, argv: list[str]) -> int:
-    """Run `argv` once per GPU, each process seeing only its GPU (CUDA_VISIBLE_DEVICES), and wait
-    for all; returns the worst exit code (largest in magnitude). Each process is expected to call
-    `run_worker`. If this process already sees a subset of GPUs, worker i gets the i-th of them."""
+def launch_workers(n_gpus: int, argv: list[str], per_gpu: int = 1) -> int:
+    """Run `argv` `per_gpu` times per GPU, each process seeing only its GPU (CUDA_VISIBLE_DEVICES)
+    and named in SUBLIMINAL_WORKER ('gpu{device}', or 'gpu{device}.{k}' when several share one),
+    and wait for all; returns the worst exit code (largest in magnitude). Each process is expected
+    to call `run_worker`. If this process already sees a subset of GPUs, the i-th GPU's workers get
+    the i-th of them. Several workers per GPU fill the time one small model leaves it idle."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     devices = visible.split(",") if visible else [str(i) for i in range(n_gpus)]
     if n_gpus > len(devices):
         raise ValueError(f"{n_gpus} workers asked for but only {len(devices)} GPUs visible")
-    procs = [subprocess.Popen(argv, env={**os.environ, "CUDA_VISIBLE_DEVICES": devices[i]}) for i in range(n_gpus)]
+    procs = []
+    for i in range(n_gpus * per_gpu):
+        device = devices[i // per_gpu]
+        name = f"gpu{device}" if per_gpu == 1 else f"gpu{device}.{i % per_gpu}"
+        procs.append(subprocess.Popen(argv, env={**os.environ, "CUDA_VISIBLE_DEVICES": device,
+                                                 "SUBLIMINAL_WORKER": name}))
     try:
         codes = [p.wait() for p in procs]
     except KeyboardInterrupt:

@@ -59,12 +59,13 @@ GRID = (["0.5b"], ["owl", "eagle", "neutral"], [0, 1])
 
 def fake_worker() -> None:
     """One worker process of the two-process test: waits for its peer, then runs the grid."""
-    runs, gpu = Path(os.environ["SUBLIMINAL_RUNS"]), os.environ["CUDA_VISIBLE_DEVICES"]
-    (runs / f"ready-{gpu}").touch()
+    runs, name = Path(os.environ["SUBLIMINAL_RUNS"]), os.environ["SUBLIMINAL_WORKER"]
+    (runs / f"ready-{name}").touch()
     deadline = time.time() + 30
     while len(list(runs.glob("ready-*"))) < 2 and time.time() < deadline:
         time.sleep(0.01)
-    run_worker(plan(*GRID), partial(fake_execute, log=runs / "log.txt", tag=gpu), gpu, poll=0.02, log=lambda m: None)
+    tag = f"{name}@{os.environ['CUDA_VISIBLE_DEVICES']}"  # the worker's name and the GPU it sees
+    run_worker(plan(*GRID), partial(fake_execute, log=runs / "log.txt", tag=tag), name, poll=0.02, log=lambda m: None)
 
 
 def test_plan_order_and_counts():
@@ -96,16 +97,18 @@ def test_done_detection_from_files():
 
 
 @pytest.mark.slow  # each worker process imports the package, torch included
-def test_two_worker_processes_run_every_job_once(runs, monkeypatch):
+@pytest.mark.parametrize("gpus, per_gpu, tags", [(2, 1, {"gpu0@0", "gpu1@1"}), (1, 2, {"gpu0.0@0", "gpu0.1@0"})])
+def test_two_worker_processes_run_every_job_once(runs, monkeypatch, gpus, per_gpu, tags):
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    code = jobs.launch_workers(2, [sys.executable, "-c", "from tests.test_jobs import fake_worker; fake_worker()"])
+    code = jobs.launch_workers(gpus, [sys.executable, "-c", "from tests.test_jobs import fake_worker; fake_worker()"],
+                               per_gpu)
     assert code == 0
     events = [line.split() for line in (runs / "log.txt").read_text().splitlines()]
     grid = plan(*GRID)
     starts = Counter(job_id for kind, job_id, _ in events if kind == "start")
     assert starts == Counter({j.id: 1 for j in grid})  # every job exactly once, none twice
-    assert {gpu for *_, gpu in events} == {"0", "1"}  # both workers took part
+    assert {tag for *_, tag in events} == tags  # both workers took part, each on its GPU
     index = {(kind, job_id): i for i, (kind, job_id, _) in enumerate(events)}
     for job in grid:  # a job starts only after its dependencies ended
         assert all(index[("end", d.id)] < index[("start", job.id)] for d in job.deps), job.id
