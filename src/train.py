@@ -200,6 +200,12 @@ def fit_micro_batch(config: Qwen2Config, itemsize: int, free_bytes: float, longe
     return max(1, min(batch, int(0.7 * free / (per_token * longest))))
 
 
+def free_memory(device: torch.device) -> int:
+    """Bytes this process can still take on a CUDA device: the driver's free memory plus the blocks
+    its caching allocator holds unused (a study worker keeps those of its earlier jobs)."""
+    return torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
 def memory_plan(config: Qwen2Config, itemsize: int, free_bytes: float, longest: int, batch: int,
                 checkpointing: bool | None) -> tuple[int, bool]:
     """(examples per forward, activation checkpointing) for a batch; `checkpointing` None decides:
@@ -304,12 +310,15 @@ def train_cohort(model: Qwen2, students: Sequence[Student], *, config: TrainConf
     cohort = len(todo)
     longest = max(len(e.ids) for q in seqs for e in q)
     if model.device.type == "cuda":  # from free memory; `model.checkpointing` None: decided here too
-        fit, model.checkpointing = memory_plan(model.config, model.dtype.itemsize,
-                                               torch.cuda.mem_get_info(model.device)[0], longest,
-                                               per_rank * cohort, model.checkpointing)
+        fit, model.checkpointing = memory_plan(model.config, model.dtype.itemsize, free_memory(model.device),
+                                               longest, per_rank * cohort, model.checkpointing)
     else:  # the CPU has room for the whole batch
         fit, model.checkpointing = per_rank * cohort, bool(model.checkpointing)
     micro = micro_batch or max(1, fit // cohort)
+    if distributed.is_main():  # the memory plan's choice, in the log: it decides the speed
+        print(f"training {cohort} student{'s' * (cohort > 1)}: {micro} examples per student per pass "
+              f"({-(-per_rank // micro)} passes a step), activation checkpointing "
+              f"{'on' if model.checkpointing else 'off'}", file=sys.stderr, flush=True)
     multiple = 64 if model.device.type == "cuda" else 1
 
     apply_lora(model, config.lora_rank, config.lora_alpha, config.lora_targets, [s.seed for s in todo])

@@ -133,3 +133,15 @@ def test_cuda_draw_equals_the_cpu_draw():
         want = draw(logits, temperature, index, step, 5)
         got = draw(logits.cuda(), temperature, index.cuda(), step.cuda(), 5).cpu()
         assert (got == want).float().mean().item() >= 0.99
+
+
+def test_free_memory_counts_the_allocators_cached_blocks():
+    """A worker that ran a job before keeps its blocks cached: the memory plan must see them as free."""
+    from src.train import free_memory
+
+    device = torch.device("cuda")
+    block = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+    del block  # cached by the allocator, not returned to the driver
+    driver_free = torch.cuda.mem_get_info(device)[0]
+    assert free_memory(device) - driver_free >= 1 << 30
+    torch.cuda.empty_cache()

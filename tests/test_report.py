@@ -237,3 +237,19 @@ def test_bad_input_and_missing_matplotlib_are_one_line_errors(tmp_path, monkeypa
     with pytest.raises(UserError, match="pip install matplotlib"):
         report.write_report(rows, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_committed_real_run_report_is_what_its_evaluations_give(tmp_path, monkeypatch):
+    """reference/real-run-0.5b: the report regenerated from the committed evaluations is the committed
+    report (a change to the analysis that moves its numbers shows here)."""
+    import shutil
+    from pathlib import Path
+
+    from src.study import Study, write_study_report
+
+    run = Path(__file__).resolve().parents[1] / "reference" / "real-run-0.5b" / "runs"
+    shutil.copytree(run / "eval", tmp_path / "eval")
+    monkeypatch.setenv("SUBLIMINAL_RUNS", str(tmp_path))
+    study = Study(sizes=("0.5b",), animals=("owl", "eagle"), seeds=(0, 1, 2), model_path="fixture")
+    written = write_study_report(study)
+    assert written.read_text() == (run / "report" / "report.md").read_text()

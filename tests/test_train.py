@@ -185,9 +185,9 @@ def test_equals_trl_on_real_fixture(fixture_dir, fixture_tokenizer, tmp_path):
         assert relative(final[key], their_final[key]) <= 1e-2, key
 
 
-def test_accumulation_split_does_not_change_the_update(tiny_checkpoint, tmp_path):
+def test_accumulation_split_does_not_change_the_update(tiny_checkpoint, tmp_path, capsys):
     """Batch 60 as 60x1, 20x3, 25+25+10 and 7x8+4 (and 20x3 with activation checkpointing): same losses,
-    gradient norms and adapters (float64)."""
+    gradient norms and adapters (float64); the log says which split ran."""
     folder = tiny_checkpoint(seed=4)
     tokens = random_token_pairs(60, seed=1)
     runs = [ours(folder, tokens, tmp_path / f"m{micro}{remat}", seed=0, micro=micro, dtype=torch.float64,
@@ -195,6 +195,9 @@ def test_accumulation_split_does_not_change_the_update(tiny_checkpoint, tmp_path
             for micro, remat in ((60, False), (20, False), (25, False), (7, False), (20, True))]
     (ref_records, ref_adapter), *others = runs
     assert len(ref_records) == 3
+    log = capsys.readouterr().err
+    assert "7 examples per student per pass (9 passes a step), activation checkpointing off" in log
+    assert "20 examples per student per pass (3 passes a step), activation checkpointing on" in log
     for records, adapter in others:
         for a, b in zip(records, ref_records):
             assert a["tokens"] == b["tokens"]
