@@ -17,9 +17,11 @@
 #   bash tests/real_run.sh watch              # wait (WATCH seconds at most), report progress, pack results:
 #                                             # repeat until it says 'pipeline: complete'
 # The pipeline (stage 'pipeline', detached): base-rate sweep (= the study's base evaluation), 'auto'
-# replaced by the first study animal after owl with headroom in that sweep, the system-prompted
+# replaced by the first animal with headroom in that sweep (tests/real_run_choice.py), the system-prompted
 # teachers' evaluations beside the study, the study (teacher data, students, their evaluations)
 # trained in whichever arrangement the probe measured fastest, then the report.
+# On the H200 on 2026-12-01 "owl,auto" "0,1,2" took 1,649 s of device time in 11 calls, the machine's
+# start included (reference/real-run-0.5b/README.md).
 # Every 'watch' packs the small results (datasets, evaluations, training logs, probe, report, stage
 # timings; no adapters or checkpoints) into $OUT/results.tgz: each archive holds everything so far.
 # Here: tar xzf results.tgz. A later session that must start a bare machine carries runs/datasets
