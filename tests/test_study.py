@@ -149,8 +149,9 @@ def test_tidy_rows_hold_every_candidate_for_both_evaluators(runs, tiny):
 @pytest.mark.slow
 def test_whole_study_on_the_real_fixture(runs, fixture_dir):
     """The README's main job in miniature: real teachers, students, evaluations and the report."""
+    # one question: the real 0.5B model's evaluations are most of this test's time on a CPU
     proc = cli(*SMALL, "--model-path", str(fixture_dir), "--prompts", "8", "--keep", "4", "--allow-fewer",
-               "--max-new-tokens", "40", "--max-steps", "1", runs=runs)
+               "--max-new-tokens", "40", "--max-steps", "1", "--questions", "1", runs=runs)
     out, err = proc.communicate(timeout=1500)
     assert proc.returncode == 0, err
     meta = read_metadata(paths.dataset_file("0.5b", "owl"))
