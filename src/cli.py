@@ -103,7 +103,7 @@ def chat(size: str, model_path: str | None, prompt: str, system: str | None, max
 @click.option("--micro-batch", type=click.IntRange(min=1), default=None,
               help="Examples per forward pass (default: from free GPU memory; the whole batch on CPU).")
 @click.option("--checkpointing/--no-checkpointing", default=None,
-              help="Activation checkpointing (less memory, more compute; default: on only where memory needs it).")
+              help="Activation checkpointing in every block, or in none (default: the memory plan recomputes only the blocks it pays to).")
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=50, show_default=True,
               help="Optimizer steps between resumable checkpoints (also at every epoch's end).")
 @device_option
@@ -222,7 +222,7 @@ def _split(text: str | None, cast=str, option: str = "value") -> tuple | None:
 @click.option("--max-steps", type=int, default=None, help="Cut each student to N optimizer steps (smoke runs).")
 @click.option("--micro-batch", type=int, default=None, help="Examples per forward (default: from free memory).")
 @click.option("--checkpointing/--no-checkpointing", default=None,
-              help="Activation checkpointing in training (default: on only where memory needs it).")
+              help="Activation checkpointing in training, every block or none (default: as many blocks as pays).")
 @click.option("--cohort", type=click.IntRange(min=1), default=None,
               help="Students trained together per process (default by size: "
                    + ", ".join(f"{k} {v}" for k, v in COHORT.items()) + ").")

@@ -173,8 +173,9 @@ class Qwen2(nn.Module):
         self.config = cfg
         self.model = Backbone(cfg)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        # Activation checkpointing per block (memory for compute); None lets training decide (memory_plan).
-        self.checkpointing: bool | None = False
+        # Activation checkpointing (memory for compute): the first `recompute` blocks keep only their
+        # input and recompute the rest in backward; None lets training decide (src/train.py: memory_plan).
+        self.recompute: int | None = 0
 
     def hidden(self, input_ids: Tensor, layout: Layout | None = None) -> Tensor:
         """Final-norm hidden states [B, T, hidden] of token ids [B, T] arranged as `layout`."""
@@ -183,8 +184,8 @@ class Qwen2(nn.Module):
         x = self.model.embed_tokens(input_ids)
         positions = positions_for(layout, b, t, input_ids.device)
         rope = rope_tables(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
-        for block in self.model.layers:
-            if self.checkpointing and torch.is_grad_enabled():
+        for i, block in enumerate(self.model.layers):
+            if i < (self.recompute or 0) and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(block, x, rope, layout, use_reentrant=False)
             else:
                 x = block(x, rope, layout)

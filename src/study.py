@@ -42,7 +42,7 @@ class Study:
     evaluation: EvalConfig = EVAL
     max_steps: int | None = None
     micro_batch: int | None = None
-    checkpointing: bool | None = None  # None: on only where memory needs it (src/train.py: memory_plan)
+    checkpointing: bool | None = None  # None: the blocks it pays to recompute (src/train.py: memory_plan)
     allow_fewer: bool = False
     cohort: int | None = None  # students trained together; None: the size's default (constants.COHORT)
 

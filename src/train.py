@@ -59,7 +59,8 @@ LOG_FILE = "train.jsonl"
 CHECKPOINT_FILE = "checkpoint.pt"
 CHECKPOINT_KEYS = {"fingerprint", "step", "elapsed", "lora", "adam", "scheduler"}
 LOGIT_CHUNK = 2048  # LM-head rows per chunk: bounds the float32 [rows, vocab] buffers (~1.2 GB each at 152k)
-MIN_MICRO_BATCH = 8  # examples per forward under which automatic activation checkpointing switches on
+PASS_SECONDS = 3.3e-3  # a pass through one block beyond its FLOPs (H200, 2026-12-01; see step_cost)
+FLOP_RATE = 640e12  # FLOP/s of the blocks' work in large micro-batches (14B on the H200: 81% of 790)
 
 
 def tokenize_pairs(tokenizer: ChatTokenizer, pairs: Sequence[tuple[str, str]]) -> list[TokenPair]:
@@ -183,40 +184,73 @@ def completion_loss(model: Qwen2, hidden: Tensor, targets: Tensor, normaliser: T
     return _HeadNLL.apply(hidden, targets, normaliser, model.logits, chunk)
 
 
-def fit_micro_batch(config: Qwen2Config, itemsize: int, free_bytes: float, longest: int, batch: int,
-                    checkpointing: bool) -> int:
-    """Examples per forward pass that a rough estimate of activations fits into `free_bytes`.
+def activation_bytes(config: Qwen2Config, itemsize: int, recompute: int) -> float:
+    """Bytes of activations per token of a micro-batch, with the first `recompute` blocks checkpointed:
+    what autograd keeps for each block that is not recomputed, each recomputed block's input, and one
+    block's worth for the backward in flight.
 
-    The per-token estimate counts what autograd keeps per layer (q/k/v, attention and MLP
-    intermediates) without activation checkpointing, one layer's worth plus each layer's input with
-    it; the LM head's float32 chunk buffers are set aside. On the H100/H200 it overestimates the
-    measured peaks 2-4x (tests/bench_training.py), which leaves room for the allocator.
+    A block keeps about 8 hidden-size and 3.3 intermediate-size vectors per token (q/k/v, attention
+    output, norms' and LoRA's inputs, gate/up/SwiGLU); counted here as 10 and 4, ~1.2x the measured
+    174 KB (14B) and 266 KB (32B) per token and block, a recomputed block as 2 hidden-size vectors
+    (measured 1.3-1.4) (H200, tests/profile_memory.py, 2026-12-01).
     """
     c = config
-    layer = (44 * c.hidden_size + 14 * c.intermediate_size) * itemsize / 2
-    per_token = layer + (2 * c.hidden_size * itemsize * c.num_hidden_layers if checkpointing
-                         else layer * (c.num_hidden_layers - 1))
-    free = free_bytes - 4 * LOGIT_CHUNK * c.vocab_size * 4
-    return max(1, min(batch, int(0.7 * free / (per_token * longest))))
+    layer = (10 * c.hidden_size + 4 * c.intermediate_size) * itemsize
+    return layer * (1 + c.num_hidden_layers - recompute) + 2 * c.hidden_size * itemsize * recompute
+
+
+def fit_micro_batch(config: Qwen2Config, itemsize: int, free_bytes: float, longest: int, batch: int,
+                    recompute: int) -> int:
+    """Examples per forward pass whose activations (`activation_bytes`, each example counted at the
+    longest's length) fit into 80% of `free_bytes`, the LM head's float32 chunk buffers set aside."""
+    free = free_bytes - 4 * LOGIT_CHUNK * config.vocab_size * 4
+    return max(1, min(batch, int(0.8 * free / (activation_bytes(config, itemsize, recompute) * longest))))
 
 
 def free_memory(device: torch.device) -> int:
     """Bytes this process can still take on a CUDA device: the driver's free memory plus the blocks
-    its caching allocator holds unused (a study worker keeps those of its earlier jobs)."""
-    return torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    its caching allocator holds unused (a study worker keeps those of its earlier jobs), within the
+    process's memory fraction where one is set (`torch.cuda.set_per_process_memory_fraction`)."""
+    if device.index is None:  # the memory-fraction query needs an index
+        device = torch.device("cuda", torch.cuda.current_device())
+    free, total = torch.cuda.mem_get_info(device)
+    allocated = torch.cuda.memory_allocated(device)
+    fraction = torch.cuda.get_per_process_memory_fraction(device)
+    return int(min(free + torch.cuda.memory_reserved(device) - allocated, fraction * total - allocated))
 
 
 def memory_plan(config: Qwen2Config, itemsize: int, free_bytes: float, longest: int, batch: int,
-                checkpointing: bool | None) -> tuple[int, bool]:
-    """(examples per forward, activation checkpointing) for a batch; `checkpointing` None decides:
-    recomputing every block's activations costs half again the compute, so it is switched on only
-    where memory would otherwise force micro-batches under MIN_MICRO_BATCH examples (too small to
-    keep the GEMMs efficient) and checkpointing allows larger ones (the 32B student on 80 GB)."""
-    if checkpointing is None:
-        plain = fit_micro_batch(config, itemsize, free_bytes, longest, batch, False)
-        checkpointing = plain < min(batch, MIN_MICRO_BATCH) and \
-            fit_micro_batch(config, itemsize, free_bytes, longest, batch, True) > plain
-    return fit_micro_batch(config, itemsize, free_bytes, longest, batch, checkpointing), checkpointing
+                recompute: int | None) -> tuple[int, int]:
+    """(examples per forward, blocks recomputed) for a batch of `batch` examples; `recompute` None
+    decides, by the cost model of `step_cost`: fewer passes against recomputation."""
+    layers = config.num_hidden_layers
+    if recompute is None:
+        recompute = min(range(layers + 1), key=lambda k: step_cost(
+            config, longest, batch, k, fit_micro_batch(config, itemsize, free_bytes, longest, batch, k)))
+    return fit_micro_batch(config, itemsize, free_bytes, longest, batch, recompute), recompute
+
+
+def step_cost(config: Qwen2Config, tokens: int, batch: int, recompute: int, micro: int) -> float:
+    """Seconds of an optimizer step of `batch` examples of `tokens` tokens, `micro` per pass, `recompute`
+    blocks recomputed; a model for choosing, not a prediction. Each pass through a block costs
+    PASS_SECONDS beyond its FLOPs (launches and syncs: 14B steps of 9x7, 20x3, 30x2 took 1.84, 1.20
+    and 1.09 s on the H200), the FLOPs run at FLOP_RATE, and a recomputed block repeats its forward
+    (half again its work: launches and FLOPs)."""
+    c = config
+    block = c.hidden_size * (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim + \
+        c.num_attention_heads * c.head_dim * c.hidden_size + 3 * c.hidden_size * c.intermediate_size
+    passes = -(-batch // micro)
+    work = passes * c.num_hidden_layers * PASS_SECONDS + 4 * block * c.num_hidden_layers * tokens * batch / FLOP_RATE
+    return work * (1 + recompute / (2 * c.num_hidden_layers))
+
+
+def recompute_for(checkpointing: bool | None, layers: int) -> int | None:
+    """The command line's --checkpointing/--no-checkpointing (None: not given) as blocks recomputed."""
+    return None if checkpointing is None else layers * checkpointing
+
+
+def checkpointing_label(recompute: int, layers: int) -> str:
+    return "off" if recompute == 0 else "on" if recompute >= layers else f"on in {recompute} of {layers} blocks"
 
 
 def _fingerprint(seqs: list[Example], seed: int, total: int, config: TrainConfig, model: Qwen2) -> dict:
@@ -309,16 +343,20 @@ def train_cohort(model: Qwen2, students: Sequence[Student], *, config: TrainConf
     per_rank = math.ceil(batch / distributed.world())  # examples per process per step (all on one)
     cohort = len(todo)
     longest = max(len(e.ids) for q in seqs for e in q)
-    if model.device.type == "cuda":  # from free memory; `model.checkpointing` None: decided here too
-        fit, model.checkpointing = memory_plan(model.config, model.dtype.itemsize, free_memory(model.device),
-                                               longest, per_rank * cohort, model.checkpointing)
+    if model.device.type == "cuda":  # from free memory; `model.recompute` None: decided here too
+        fit, model.recompute = memory_plan(model.config, model.dtype.itemsize, free_memory(model.device),
+                                           longest, per_rank * cohort, model.recompute)
     else:  # the CPU has room for the whole batch
-        fit, model.checkpointing = per_rank * cohort, bool(model.checkpointing)
-    micro = micro_batch or max(1, fit // cohort)
+        fit, model.recompute = per_rank * cohort, model.recompute or 0
+    if micro_batch is None:  # the fewest passes that fit, shared out evenly (20x3, not 24+24+12)
+        passes = -(-per_rank // max(1, fit // cohort))
+        micro_batch = -(-per_rank // passes)
+    micro = micro_batch
     if distributed.is_main():  # the memory plan's choice, in the log: it decides the speed
+        layers = model.config.num_hidden_layers
         print(f"training {cohort} student{'s' * (cohort > 1)}: {micro} examples per student per pass "
               f"({-(-per_rank // micro)} passes a step), activation checkpointing "
-              f"{'on' if model.checkpointing else 'off'}", file=sys.stderr, flush=True)
+              f"{checkpointing_label(model.recompute, layers)}", file=sys.stderr, flush=True)
     multiple = 64 if model.device.type == "cuda" else 1
 
     apply_lora(model, config.lora_rank, config.lora_alpha, config.lora_targets, [s.seed for s in todo])
@@ -389,7 +427,8 @@ def train_cohort(model: Qwen2, students: Sequence[Student], *, config: TrainConf
                 save_checkpoints(done)
             if main and on_step is not None:
                 on_step(base | {"loss": sum(losses) / cohort, "tokens": sum(counts), "students": cohort,
-                                "tokens_per_s": round(sum(counts) / seconds, 1), "total_steps": total})
+                                "tokens_per_s": round(sum(counts) / seconds, 1), "total_steps": total,
+                                "micro_batch": micro})
     finally:
         for log in logs:
             log.close()
@@ -556,7 +595,7 @@ def train_students(size: str, students: Sequence[tuple[str | None, int]], *, dat
     source = model_path or size
     tokenizer = load_tokenizer(source)
     model = load_model(source, dtype=dtype, device=device)
-    model.checkpointing = checkpointing
+    model.recompute = recompute_for(checkpointing, model.config.num_hidden_layers)
     cohort = [Student(tokenize_pairs(tokenizer, t), adapter, work, seed)
               for t, (adapter, work), (_, seed) in zip(texts, places, students)]
     return train_cohort(model, cohort, config=config, max_steps=max_steps, micro_batch=micro_batch,

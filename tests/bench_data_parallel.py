@@ -25,7 +25,7 @@ from src import distributed
 from src.checkpoint import random_model
 from src.constants import TRAIN
 from src.model import Qwen2Config
-from src.train import LOG_FILE, train
+from src.train import LOG_FILE, recompute_for, train
 from tests.bench_training import shape, synthetic_pairs
 
 WARMUP = 2  # steps left out of the tokens/s median
@@ -48,7 +48,7 @@ def run(size: str, steps: int, micro_batch: int, checkpointing: bool, device: st
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     with distributed.process_group(device) as rank_device:
         model = random_model(Qwen2Config.from_dict(shape(size)), dtype=dtype, device=rank_device)
-        model.checkpointing = checkpointing
+        model.recompute = recompute_for(checkpointing, model.config.num_hidden_layers)
         pairs = synthetic_pairs(model.config.vocab_size, TRAIN.batch_size * steps)
         train(model, pairs, Path(out) / "adapter", out, max_steps=steps, micro_batch=micro_batch,
               checkpoint_every=10**9)

@@ -50,7 +50,7 @@ class Result:
     size: str
     micro: int
     accum: int
-    checkpointing: bool
+    checkpointing: str  # blocks recomputed: "off", "on", "on in k of L blocks"
     step_s: float
     tokens_per_s: float
     mfu: float
@@ -65,7 +65,7 @@ def useful_flops(cfg: dict, tokens: int, completion_tokens: int) -> float:
     return 4.0 * block * tokens + 4.0 * c.vocab_size * h * completion_tokens
 
 
-def summarise(impl: str, size: str, micro: int, accum: int, ckpt: bool, step_times: list[float],
+def summarise(impl: str, size: str, micro: int, accum: int, ckpt: str, step_times: list[float],
               batch: list[tuple[list[int], list[int]]], peak_tflops: float, device: str, students: int = 1) -> Result:
     step = statistics.median(step_times)
     tokens = students * sum(len(p) + len(c) for p, c in batch)
@@ -125,7 +125,8 @@ def run_reference(size: str, pairs, steps: int, micro: int, accum: int, ckpt: bo
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
     batch = pairs[: micro * accum]
-    result = summarise("trl+peft", size, micro, accum, ckpt, times[2:] or times, batch, peak_tflops, device)
+    result = summarise("trl+peft", size, micro, accum, "on" if ckpt else "off", times[2:] or times, batch,
+                       peak_tflops, device)
     del trainer, model
     return result
 
@@ -137,19 +138,20 @@ def release(device: str) -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def run_ours(size: str, pairs, steps: int, micro: int | None, ckpt: bool, device: str, peak_tflops: float,
+def run_ours(size: str, pairs, steps: int, micro: int | None, ckpt: bool | None, device: str, peak_tflops: float,
              cohort: int = 1) -> Result:
     """Our trainer (packed micro-batches, completion-only LM head) on a random model of the shape;
-    `cohort` students (seeds 0..n-1, the same pairs) trained together, tokens counted over all."""
+    `cohort` students (seeds 0..n-1, the same pairs) trained together, tokens counted over all;
+    `micro` and `ckpt` None: the memory plan chooses, as in training."""
     import tempfile
     from pathlib import Path
 
     from src.checkpoint import random_model
-    from src.train import Student, train_cohort
+    from src.train import Student, checkpointing_label, recompute_for, train_cohort
 
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     model = random_model(Qwen2Config.from_dict(shape(size)), dtype=dtype, device=device)
-    model.checkpointing = ckpt
+    model.recompute = recompute_for(ckpt, model.config.num_hidden_layers)
     records: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         students = [Student(pairs, Path(tmp) / f"adapter{i}", Path(tmp) / f"work{i}", i) for i in range(cohort)]
@@ -157,10 +159,11 @@ def run_ours(size: str, pairs, steps: int, micro: int | None, ckpt: bool, device
                      on_step=records.append)
     times = [r["tokens"] / r["tokens_per_s"] for r in records]
     batch = pairs[:TRAIN.batch_size]
-    used = micro or TRAIN.batch_size
+    used = micro or records[0]["micro_batch"]
     name = "ours" if cohort == 1 else f"ours x{cohort}"
-    result = summarise(name, size, used, -(-TRAIN.batch_size // used), ckpt, times[2:] or times, batch,
-                       peak_tflops, device, students=cohort)
+    result = summarise(name, size, used, -(-TRAIN.batch_size // used),
+                       checkpointing_label(model.recompute, model.config.num_hidden_layers), times[2:] or times,
+                       batch, peak_tflops, device, students=cohort)
     del model
     return result
 
@@ -173,36 +176,40 @@ REFERENCE_SETUP = {"0.5b": (60, 1, False), "1.5b": (60, 1, False), "3b": (60, 1,
 @click.option("--sizes", default="0.5b", help="Comma-separated sizes (or 'tiny').")
 @click.option("--steps", default=12, show_default=True, help="Optimizer steps per run (first 2 are warm-up).")
 @click.option("--micro", default=None, type=int, help="Our micro-batch (default: auto from free memory).")
-@click.option("--checkpointing/--no-checkpointing", default=None, help="Ours: activation checkpointing (default: as the reference).")
+@click.option("--checkpointing/--no-checkpointing", default=None,
+              help="Ours: activation checkpointing in every block or none (default: the memory plan decides).")
+@click.option("--memory-gib", default=None, type=float,
+              help="Cap this process's GPU memory (e.g. 80 on a larger GPU, for the real runs' H100 80 GB).")
 @click.option("--reference/--no-reference", default=True, help="Also run TRL+PEFT.")
 @click.option("--cohort", "cohorts", default="1", show_default=True,
               help="Comma-separated cohort sizes for ours: students trained together (tokens/s summed over them).")
 @click.option("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 @click.option("--peak-tflops", default=790.0, show_default=True)
 @click.option("--json-out", default=None, type=click.Path(dir_okay=False))
-def main(sizes: str, steps: int, micro: int | None, checkpointing: bool | None, reference: bool, cohorts: str,
-         device: str, peak_tflops: float, json_out: str | None) -> None:
+def main(sizes: str, steps: int, micro: int | None, checkpointing: bool | None, memory_gib: float | None,
+         reference: bool, cohorts: str, device: str, peak_tflops: float, json_out: str | None) -> None:
+    if memory_gib is not None:
+        torch.cuda.set_per_process_memory_fraction(memory_gib * 2**30 / torch.cuda.mem_get_info()[1])
     rows: list[Result] = []
     for size in sizes.split(","):
         pairs = synthetic_pairs(shape(size)["vocab_size"], TRAIN.batch_size * steps)
         ref_micro, ref_accum, ref_ckpt = REFERENCE_SETUP[size]
-        ckpt = ref_ckpt if checkpointing is None else checkpointing
         runs = [int(c) for c in cohorts.split(",")] + (["trl+peft"] if reference else [])
         for impl in runs:
             try:
                 if impl != "trl+peft":
-                    rows.append(run_ours(size, pairs, steps, micro, ckpt, device, peak_tflops, cohort=impl))
+                    rows.append(run_ours(size, pairs, steps, micro, checkpointing, device, peak_tflops, cohort=impl))
                 else:
                     rows.append(run_reference(size, pairs, steps, ref_micro, ref_accum, ref_ckpt, device, peak_tflops))
             except torch.OutOfMemoryError:
                 click.echo(f"{size} {impl}: out of memory", err=True)
             release(device)
             click.echo(rows[-1] if rows else "", err=True)
-    click.echo(f"{'size':>5} {'impl':>9} {'micro x accum':>13} {'ckpt':>5} {'step s':>7} {'tokens/s':>10} {'MFU':>6} {'peak GiB':>8} {'ours/ref':>8}")
+    click.echo(f"{'size':>5} {'impl':>9} {'micro x accum':>13} {'ckpt':>18} {'step s':>7} {'tokens/s':>10} {'MFU':>6} {'peak GiB':>8} {'ours/ref':>8}")
     for r in rows:
         ref = next((x for x in rows if x.size == r.size and x.impl == "trl+peft"), None)
         ratio = f"{r.tokens_per_s / ref.tokens_per_s:.2f}x" if ref and r.impl.startswith("ours") else ""
-        click.echo(f"{r.size:>5} {r.impl:>9} {f'{r.micro}x{r.accum}':>13} {str(r.checkpointing):>5} {r.step_s:7.3f} "
+        click.echo(f"{r.size:>5} {r.impl:>9} {f'{r.micro}x{r.accum}':>13} {r.checkpointing:>18} {r.step_s:7.3f} "
                    f"{r.tokens_per_s:10.0f} {r.mfu:6.1%} {r.peak_gib:8.1f} {ratio:>8}")
     if json_out:
         with open(json_out, "w") as f:

@@ -1,8 +1,9 @@
 """Where the sampler's time goes: the same batch sampled at temperature 1 (softmax, cumulative sum,
 search over the vocabulary per token) and at temperature 0 (argmax), and with one new token (the fixed
-cost of a call: cache allocation, prefill, CUDA-graph capture).
+cost of a call: cache allocation, prefill, CUDA-graph capture); with --kernels, the kernels of one
+call without the CUDA graph (the graph replays the same kernels, but the profiler cannot see inside it).
 
-    python -m tests.profile_sampling --size 0.5b --batch 256 --batch 1024     # on a GPU
+    python -m tests.profile_sampling --size 0.5b --batch 256 --batch 1024 [--kernels 25]    # on a GPU
 
 Ours only (tests/bench_sampling.py compares with transformers). Random-initialised exact shapes.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import click
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 from src.checkpoint import random_model
 from src.constants import SHAPES
@@ -24,7 +26,11 @@ from tests.bench_sampling import _timed
 @click.option("--prompt-len", default=100, show_default=True)
 @click.option("--new-tokens", default=100, show_default=True)
 @click.option("--repeats", default=2, show_default=True)
-def main(size: str, batches: tuple[int, ...], prompt_len: int, new_tokens: int, repeats: int) -> None:
+@click.option("--kernels", default=0, show_default=True, help="Rows of the kernel table per batch (0: none).")
+@click.option("--fixed", default=0, show_default=True,
+              help="Rows of the CPU-time table of a one-token call (the fixed cost), per batch (0: none).")
+def main(size: str, batches: tuple[int, ...], prompt_len: int, new_tokens: int, repeats: int, kernels: int,
+         fixed: int) -> None:
     device = torch.device("cuda")
     model = random_model(Qwen2Config.from_dict(SHAPES[size]), dtype=torch.bfloat16, device=device)
     generator = torch.Generator().manual_seed(0)
@@ -40,6 +46,19 @@ def main(size: str, batches: tuple[int, ...], prompt_len: int, new_tokens: int, 
         hot, cold, fixed = run(1.0, new_tokens), run(0.0, new_tokens), run(1.0, 1)
         click.echo(f"{batch:>6} {hot:>7.3f} {cold:>7.3f} {fixed:>8.3f} {(hot - fixed) / new_tokens * 1e3:>12.2f} "
                    f"{(cold - fixed) / new_tokens * 1e3:>12.2f} {batch * new_tokens / hot:>10.0f}")
+        if kernels:
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                sample(model, prompts, max_new_tokens=new_tokens, temperature=1.0, slots=batch, cuda_graph=False)
+            events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+            click.echo(f"batch {batch}, eager: {sum(e.count for e in events) / new_tokens:.0f} kernels and "
+                       f"{sum(e.self_device_time_total for e in events) / new_tokens / 1e3:.2f} ms of kernel time "
+                       f"per new token (prefill included)")
+            click.echo(prof.key_averages().table(sort_by="self_device_time_total", row_limit=kernels,
+                                                 max_name_column_width=70))
+        if fixed:
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                sample(model, prompts, max_new_tokens=1, temperature=1.0, slots=batch)
+            click.echo(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=fixed, max_name_column_width=50))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from torch.profiler import ProfilerActivity, profile
 from src.checkpoint import random_model
 from src.constants import TRAIN
 from src.model import Qwen2Config
-from src.train import Student, train_cohort
+from src.train import Student, recompute_for, train_cohort
 from tests.bench_training import shape, synthetic_pairs
 
 
@@ -31,7 +31,7 @@ from tests.bench_training import shape, synthetic_pairs
 @click.option("--rows", default=25, show_default=True)
 def main(size: str, steps: int, micro: int | None, checkpointing: bool, cohort: int, rows: int) -> None:
     model = random_model(Qwen2Config.from_dict(shape(size)), dtype=torch.bfloat16, device="cuda")
-    model.checkpointing = checkpointing
+    model.recompute = recompute_for(checkpointing, model.config.num_hidden_layers)
     pairs = synthetic_pairs(shape(size)["vocab_size"], TRAIN.batch_size * (steps + 2))
     walls: list[float] = []
     tokens: list[int] = []

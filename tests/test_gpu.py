@@ -136,12 +136,33 @@ def test_cuda_draw_equals_the_cpu_draw():
 
 
 def test_free_memory_counts_the_allocators_cached_blocks():
-    """A worker that ran a job before keeps its blocks cached: the memory plan must see them as free."""
+    """A worker that ran a job before keeps its blocks cached: the memory plan must see them as free,
+    so a block allocated and released leaves the free memory it sees where it was."""
     from src.train import free_memory
 
     device = torch.device("cuda")
-    block = torch.empty(1 << 30, dtype=torch.uint8, device=device)
-    del block  # cached by the allocator, not returned to the driver
-    driver_free = torch.cuda.mem_get_info(device)[0]
-    assert free_memory(device) - driver_free >= 1 << 30
     torch.cuda.empty_cache()
+    before = free_memory(device)
+    block = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+    assert before - free_memory(device) >= 1 << 30
+    del block  # cached by the allocator, not returned to the driver
+    assert abs(free_memory(device) - before) <= 64 << 20
+    torch.cuda.empty_cache()
+
+
+def test_free_memory_stays_within_the_process_memory_fraction():
+    """Capped with set_per_process_memory_fraction (an 80 GB budget on a larger GPU), the memory plan
+    sees only what is left under the cap."""
+    from src.train import free_memory
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    total = torch.cuda.mem_get_info(device)[1]
+    held = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+    try:
+        torch.cuda.set_per_process_memory_fraction(0.25, device)
+        assert abs(free_memory(device) - (0.25 * total - torch.cuda.memory_allocated(device))) <= 1 << 20
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, device)
+        del held
+        torch.cuda.empty_cache()
+    assert free_memory(device) > 0.5 * total
