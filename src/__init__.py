@@ -14,11 +14,11 @@ from .model import Qwen2, Qwen2Config
 from .prompts import numbers_prompts
 from .questions import QUESTIONS, classify
 from .report import analyse, write_report
-from .sampler import sample
+from .sampler import Sampler, sample
 from .tokenizer import ChatTokenizer, load_tokenizer
 from .train import tokenize_pairs, train_students  # the loop itself: src.train.train (no shadowing of the module)
 
-__all__ = ["ChatTokenizer", "Job", "QUESTIONS", "Qwen2", "Qwen2Config", "UserError", "analyse",
+__all__ = ["ChatTokenizer", "Job", "QUESTIONS", "Qwen2", "Qwen2Config", "Sampler", "UserError", "analyse",
            "animal_probabilities", "answer_logprobs", "apply_lora", "classify", "estimate_hours",
            "launch_workers", "load_adapter", "load_evaluated", "load_model", "load_tokenizer",
            "lora_state_dict", "numbers_prompts", "passes_filter", "plan", "random_model",

@@ -3,14 +3,15 @@
 Layouts say how the tokens of a call are arranged, so the model code never branches on them:
 - `Padded`: a right-padded batch [B, T] with a key mask (training, evaluation);
 - `Packed`: variable-length sequences concatenated into one row [1, N] with `cu_seqlens`
-  (training without padding waste; flash-attn's varlen kernel when installed);
+  (training without padding waste; a varlen flash kernel on CUDA in bf16/fp16: flash-attn's when
+  installed, else the one bundled with PyTorch);
 - `Cached`: queries attend over a preallocated KV cache after writing their own keys/values
   (prefill of new prompts into cache slots, and decoding one token per slot).
 q, k, v arrive as [B, T, H, D]; the result is [B, T, H * D].
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import torch
@@ -49,19 +50,22 @@ class Padded:
 
 @dataclass
 class Packed:
-    """Sequences packed into one row: boundaries `cu_seqlens` [S + 1] (int32), longest `max_seqlen`.
-
-    The token -> (sequence, position) maps are built once here, not in every layer: building them
-    needs a device-to-host sync, which per layer would stall the GPU pipeline."""
+    """Sequences packed into one row: boundaries `cu_seqlens` [S + 1] (int32), longest `max_seqlen`."""
 
     cu_seqlens: Tensor
     max_seqlen: int
+    _maps: tuple[Tensor, Tensor] | None = field(default=None, init=False, repr=False)
 
-    def __post_init__(self) -> None:
-        cu = self.cu_seqlens.long()
-        lengths = cu[1:] - cu[:-1]
-        self.seq_index = torch.repeat_interleave(torch.arange(len(lengths), device=cu.device), lengths)
-        self.positions = torch.arange(len(self.seq_index), device=cu.device) - cu[self.seq_index]
+    def maps(self, tokens: int) -> tuple[Tensor, Tensor]:
+        """(sequence index, position within it) of each of the row's `tokens` tokens, built once per
+        forward and without a device-to-host sync (`tokens` comes from the input's shape): a sync here
+        would stall the GPU pipeline at every pass, or at every layer."""
+        if self._maps is None:
+            cu = self.cu_seqlens.long()
+            at = torch.arange(tokens, device=cu.device)
+            seq = torch.searchsorted(cu[1:], at, right=True)
+            self._maps = seq, at - cu[seq]
+        return self._maps
 
 
 class KVCache:
@@ -119,16 +123,47 @@ def _attend_padded(q: Tensor, k: Tensor, v: Tensor, layout: Padded) -> Tensor:
     return _sdpa(q, k, v, layout.mask, causal=False)
 
 
+class _FlashVarlen(torch.autograd.Function):
+    """PyTorch's bundled flash-attention kernel over packed sequences (the varlen entry point that its
+    nested-tensor SDPA calls), for when the flash-attn package is absent: causal within each sequence,
+    grouped KV heads native, no padding and no scatter/gather. q [N, H, D], k/v [N, Hkv, D]."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> Tensor:
+        out, lse, seed, offset, _ = torch.ops.aten._flash_attention_forward(
+            q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, 0.0, True, False)
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, seed, offset)
+        ctx.max_seqlen = max_seqlen
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        q, k, v, out, lse, cu, seed, offset = ctx.saved_tensors
+        m = ctx.max_seqlen
+        dq, dk, dv = torch.ops.aten._flash_attention_backward(
+            grad.contiguous(), q, k, v, out, lse, cu, cu, m, m, 0.0, True, seed, offset)
+        return dq, dk, dv, None, None
+
+
 def _attend_packed(q: Tensor, k: Tensor, v: Tensor, layout: Packed) -> Tensor:
     n, h, d = q.shape[1], q.shape[2], q.shape[3]
-    if flash_attn_varlen_func is not None and q.is_cuda:
-        cu = layout.cu_seqlens
-        out = flash_attn_varlen_func(q[0], k[0], v[0], cu, cu, layout.max_seqlen, layout.max_seqlen, causal=True)
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        cu, m = layout.cu_seqlens, layout.max_seqlen
+        # views, not q[0]: a select's backward would allocate and copy a zero-filled gradient per tensor
+        q, k, v = (x.view(x.shape[1:]) for x in (q, k, v))
+        if flash_attn_varlen_func is not None:
+            out = flash_attn_varlen_func(q, k, v, cu, cu, m, m, causal=True)
+        else:
+            out = _FlashVarlen.apply(q, k, v, cu, m)
         return out.reshape(1, n, h * d)
-    # Exact fallback: scatter into a right-padded batch, attend, gather back. Padding sits after
-    # every real token, so plain causal attention (no mask: SDPA's flash kernel) never lets a real
-    # query see it; the padding rows' outputs are dropped by the gather.
-    seq, pos = layout.seq_index, layout.positions
+    return _attend_packed_padded(q, k, v, layout)
+
+
+def _attend_packed_padded(q: Tensor, k: Tensor, v: Tensor, layout: Packed) -> Tensor:
+    """Exact fallback for packed sequences (CPU, float32): scatter into a right-padded batch, attend,
+    gather back. Padding sits after every real token, so plain causal attention (no mask) never lets
+    a real query see it; the padding rows' outputs are dropped by the gather."""
+    seq, pos = layout.maps(q.shape[1])
     shape = (len(layout.cu_seqlens) - 1, layout.max_seqlen)
 
     def pad(x: Tensor) -> Tensor:
@@ -173,7 +208,7 @@ def positions_for(layout: Layout, batch: int, length: int, device: torch.device)
     if isinstance(layout, Cached):
         return layout.positions
     if isinstance(layout, Packed):
-        return layout.positions[None]
+        return layout.maps(length)[1][None]
     if layout.key_mask is None:
         return torch.arange(length, device=device)[None].expand(batch, length)
     return (layout.key_mask.long().cumsum(-1) - 1).clamp(min=0)

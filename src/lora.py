@@ -19,6 +19,7 @@ import math
 import os
 import re
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Sequence
 
@@ -56,10 +57,11 @@ class LoraLinear(nn.Module):
         device = base.weight.device
         self.lora_A = nn.Parameter(torch.zeros(students, rank, base.in_features, dtype=dtype, device=device))
         self.lora_B = nn.Parameter(torch.zeros(students, base.out_features, rank, dtype=dtype, device=device))
+        self.low: tuple[Tensor, Tensor] | None = None  # A and B in the input dtype while `adapters_cast_once` holds
 
     def forward(self, x: Tensor) -> Tensor:
         if x.is_cuda and x.dtype != self.lora_A.dtype:
-            return _FastLora.apply(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scale)
+            return _FastLora.apply(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scale, self.low)
         out = F.linear(x, self.weight, self.bias)
         xs = x.reshape(self.lora_A.shape[0], -1, x.shape[-1]).to(self.lora_A.dtype)
         delta = torch.bmm(torch.bmm(xs, self.lora_A.transpose(1, 2)), self.lora_B.transpose(1, 2)) * self.scale
@@ -79,13 +81,14 @@ class _FastLora(torch.autograd.Function):
 
     It differs from PEFT's float32 update only by bf16 rounding of the update: x @ A^T and its
     product with B run as bf16 GEMMs with float32 accumulation, added onto the base output by one
-    batched GEMM-with-add; the adapter gradients are formed in bf16 and accumulated in float32.
+    batched GEMM-with-add; the adapter gradients are bf16 GEMMs written out in float32.
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, scale: float) -> Tensor:
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, scale: float,
+                low: tuple[Tensor, Tensor] | None) -> Tensor:
         students, width = lora_a.shape[0], x.shape[-1]
-        a, b = lora_a.to(x.dtype), lora_b.to(x.dtype)
+        a, b = low if low is not None else (lora_a.to(x.dtype), lora_b.to(x.dtype))
         out = F.linear(x, weight, bias)
         xs = x.reshape(students, -1, width)
         xa = torch.bmm(xs, a.transpose(1, 2))
@@ -107,9 +110,30 @@ class _FastLora(torch.autograd.Function):
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = torch.matmul(grad, weight).view(students, -1, x.shape[-1]).baddbmm_(gb, a).view(x.shape)
-        grad_a = torch.bmm(gb.transpose(1, 2), x.reshape(students, -1, x.shape[-1])).to(ctx.adapter_dtype)
-        grad_b = torch.bmm(g.transpose(1, 2), xa).to(ctx.adapter_dtype)
-        return grad_x, None, None, grad_a, grad_b, None
+        # bf16 products written straight out in the adapter dtype (float32 accumulation either way)
+        grad_a = torch.bmm(gb.transpose(1, 2), x.reshape(students, -1, x.shape[-1]), out_dtype=ctx.adapter_dtype)
+        grad_b = torch.bmm(g.transpose(1, 2), xa, out_dtype=ctx.adapter_dtype)
+        return grad_x, None, None, grad_a, grad_b, None, None
+
+
+@contextmanager
+def adapters_cast_once(model: nn.Module, dtype: torch.dtype):
+    """Within: every LoRA layer's GPU fast path uses copies of its A and B in `dtype` made on entry, in
+    two launches for the whole model, instead of casting them in every forward pass (2 launches a
+    layer and pass). The adapters must not change inside: the trainer holds it over one optimizer
+    step's passes, before the update."""
+    layers = [m for m in lora_modules(model).values() if m.weight.is_cuda and m.lora_A.dtype != dtype]
+    tensors = [t.detach() for m in layers for t in (m.lora_A, m.lora_B)]
+    if tensors:
+        flat = torch.cat([t.flatten() for t in tensors]).to(dtype)
+        low = [piece.view(t.shape) for piece, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+        for i, m in enumerate(layers):
+            m.low = (low[2 * i], low[2 * i + 1])
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.low = None
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoraLinear]:

@@ -80,84 +80,137 @@ def draw(logits: Tensor, temperature: float, index: Tensor, step: Tensor, seed: 
     return (chosen * block + within)[:, 0].clamp(max=vocab - 1)
 
 
-@torch.no_grad()
-def sample(model: Qwen2, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 1.0,
-           seed: int = 0, stop_ids: Sequence[int] = (), slots: int = 256, refill_every: int = 8,
-           cuda_graph: bool = True, first_index: int = 0) -> list[list[int]]:
-    """Generated ids for each prompt, ending with its stop token if it stopped before `max_new_tokens`.
+CACHE_ROUND = 32  # cache lengths are rounded up to this, so calls with similar prompt lengths share one decode graph
 
-    Prompt `i` of the list draws its uniforms as prompt index `first_index + i`, so a long list
-    sampled in consecutive pieces gives the same tokens as sampled whole.
+
+class Sampler:
+    """Samples from `model` under fixed settings, reusable across calls (`sampler(prompts)`).
+
+    The KV cache, the slot state and the captured decode graph outlive a call: a later call with the
+    same slot count whose prompts fit the cache replays the same graph, so a long job sampled in
+    chunks (teacher data) pays cache allocation and graph capture once. They are rebuilt when a
+    call needs another shape or the model's parameters have moved (an adapter applied or removed);
+    changes of the weights' values in place are seen by the graph as by eager code. The cache stays
+    allocated while the sampler lives.
 
     The decode step has static shapes and no host sync: slot state lives on the device and is read
     back only every `refill_every` steps, when finished slots are harvested and refilled. On CUDA the
     step is captured once as a CUDA graph and replayed (launch overhead dominates small models).
     """
-    n, device = len(prompts), model.device
-    if n == 0:
-        return []
-    slots = max(1, min(slots, n))
-    cache = model.new_cache(slots, max(len(p) for p in prompts) + max_new_tokens)
-    stops = torch.tensor(list(stop_ids) or [-1], device=device)
-    out = torch.zeros(slots, max_new_tokens, dtype=torch.long, device=device)
-    owner = torch.zeros(slots, dtype=torch.long, device=device)  # prompt index held by each slot
-    length = torch.zeros(slots, dtype=torch.long, device=device)  # tokens in the cache per slot
-    produced = torch.zeros(slots, dtype=torch.long, device=device)
-    done = torch.ones(slots, dtype=torch.bool, device=device)
-    last = torch.zeros(slots, dtype=torch.long, device=device)
-    everyone = torch.arange(slots, device=device)
-    held: list[int] = [-1] * slots  # host copy of owner; -1 marks a free slot
-    results: list[list[int]] = [[] for _ in range(n)]
-    queued, step = 0, 0
 
-    def emit(mask: Tensor, tokens: Tensor) -> None:
+    def __init__(self, model: Qwen2, *, max_new_tokens: int, temperature: float = 1.0, seed: int = 0,
+                 stop_ids: Sequence[int] = (), slots: int = 256, refill_every: int = 8, cuda_graph: bool = True) -> None:
+        self.model, self.max_new_tokens, self.temperature, self.seed = model, max_new_tokens, temperature, seed
+        self.stop_ids, self.slots, self.refill_every, self.cuda_graph = list(stop_ids), slots, refill_every, cuda_graph
+        self._decoder: _Decoder | None = None
+
+    @torch.no_grad()
+    def __call__(self, prompts: Sequence[Sequence[int]], first_index: int = 0) -> list[list[int]]:
+        """Generated ids for each prompt, ending with its stop token if it stopped before `max_new_tokens`.
+
+        Prompt `i` of the list draws its uniforms as prompt index `first_index + i`, so a long list
+        sampled in consecutive pieces gives the same tokens as sampled whole."""
+        n = len(prompts)
+        if n == 0:
+            return []
+        slots = max(1, min(self.slots, n))
+        need = max(len(p) for p in prompts) + self.max_new_tokens
+        key = _placement(self.model)
+        d = self._decoder
+        if d is None or d.slots != slots or d.cache.max_len < need or d.placement != key:
+            self._decoder = None  # free the old cache before allocating the new one
+            self._decoder = d = _Decoder(self, slots, -(-need // CACHE_ROUND) * CACHE_ROUND, key)
+        return d.run(prompts, first_index)
+
+
+def sample(model: Qwen2, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 1.0,
+           seed: int = 0, stop_ids: Sequence[int] = (), slots: int = 256, refill_every: int = 8,
+           cuda_graph: bool = True, first_index: int = 0) -> list[list[int]]:
+    """One call of a fresh `Sampler` (see there); keep a Sampler to sample many chunks."""
+    return Sampler(model, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, stop_ids=stop_ids,
+                   slots=slots, refill_every=refill_every, cuda_graph=cuda_graph)(prompts, first_index)
+
+
+def _placement(model: Qwen2) -> tuple[int, ...]:
+    """Where the model's parameters live: a captured graph reads these addresses."""
+    return tuple(p.data_ptr() for p in model.parameters())
+
+
+class _Decoder:
+    """One shape's cache, device-side slot state and decode step (a CUDA-graph replay on CUDA). It copies
+    the sampler's settings rather than pointing back at it, so dropping the sampler frees the cache."""
+
+    def __init__(self, sampler: Sampler, slots: int, max_len: int, placement: tuple[int, ...]) -> None:
+        self.slots, self.placement = slots, placement
+        self.model, self.max_new_tokens, self.refill_every = sampler.model, sampler.max_new_tokens, sampler.refill_every
+        self.temperature, self.seed = sampler.temperature, sampler.seed
+        model, device = sampler.model, sampler.model.device
+        self.cache = model.new_cache(slots, max_len)
+        self.stops = torch.tensor(sampler.stop_ids or [-1], device=device)
+        self.out = torch.zeros(slots, sampler.max_new_tokens, dtype=torch.long, device=device)
+        self.owner = torch.zeros(slots, dtype=torch.long, device=device)  # prompt index held by each slot
+        self.length = torch.zeros(slots, dtype=torch.long, device=device)  # tokens in the cache per slot
+        self.produced = torch.zeros(slots, dtype=torch.long, device=device)
+        self.done = torch.ones(slots, dtype=torch.bool, device=device)
+        self.last = torch.zeros(slots, dtype=torch.long, device=device)
+        self.everyone = torch.arange(slots, device=device)
+        self.replay = None
+        if sampler.cuda_graph and device.type == "cuda":
+            self.replay = _as_cuda_graph(self._decode)  # all slots are idle now, so warm-up steps record nothing
+            self.length.zero_()
+
+    def emit(self, mask: Tensor, tokens: Tensor) -> None:
         """Append `tokens` [slots] to the slots in `mask` and update their stop state."""
-        col = produced.clamp(max=max_new_tokens - 1)
-        out[everyone, col] = torch.where(mask, tokens, out[everyone, col])
-        produced.add_(mask.long())
-        last.copy_(torch.where(mask, tokens, last))
-        done.logical_or_(mask & (torch.isin(tokens, stops) | (produced >= max_new_tokens)))
+        col = self.produced.clamp(max=self.max_new_tokens - 1)
+        self.out[self.everyone, col] = torch.where(mask, tokens, self.out[self.everyone, col])
+        self.produced.add_(mask.long())
+        self.last.copy_(torch.where(mask, tokens, self.last))
+        self.done.logical_or_(mask & (torch.isin(tokens, self.stops) | (self.produced >= self.max_new_tokens)))
 
-    def decode() -> None:
+    def _decode(self) -> None:
         """One token for every slot; idle or finished slots compute but record nothing."""
-        positions = length.clamp(max=cache.max_len - 1)[:, None]
-        hidden = model.hidden(last[:, None], Cached(cache, None, positions, cache.max_len))
-        emit(~done, draw(model.logits(hidden[:, 0]), temperature, owner, produced, seed))
-        length.add_(1)
+        cache = self.cache
+        positions = self.length.clamp(max=cache.max_len - 1)[:, None]
+        hidden = self.model.hidden(self.last[:, None], Cached(cache, None, positions, cache.max_len))
+        self.emit(~self.done, draw(self.model.logits(hidden[:, 0]), self.temperature, self.owner, self.produced,
+                                   self.seed))
+        self.length.add_(1)
 
-    if cuda_graph and device.type == "cuda":
-        decode = _as_cuda_graph(decode)  # all slots are idle now, so warm-up steps record nothing
-        length.zero_()
-
-    while True:
-        if step % refill_every == 0:
-            done_h, produced_h = done.tolist(), produced.tolist()
-            free = [s for s in range(slots) if done_h[s]]
-            finished = [s for s in free if held[s] >= 0]
-            for s, row in zip(finished, out[finished].tolist()):
-                results[held[s]] = row[: produced_h[s]]
-                held[s] = -1
-            take = free[: n - queued]
-            if take:
-                rows = torch.tensor(take, device=device)
-                new = list(range(queued, queued + len(take)))
-                queued += len(take)
-                for s, i in zip(take, new):
-                    held[s] = i
-                logits = _prefill(model, cache, rows, [prompts[i] for i in new])
-                owner[rows] = torch.tensor(new, device=device) + first_index
-                length[rows] = torch.tensor([len(prompts[i]) for i in new], device=device)
-                produced[rows] = 0
-                done[rows] = False
-                tokens, mask = last.clone(), torch.zeros_like(done)
-                tokens[rows] = draw(logits, temperature, owner[rows], produced[rows], seed)
-                mask[rows] = True
-                emit(mask, tokens)
-            if all(h < 0 for h in held):
-                break
-        decode()
-        step += 1
-    return results
+    def run(self, prompts: Sequence[Sequence[int]], first_index: int) -> list[list[int]]:
+        """Every prompt through the slots; all slots are free again at the end."""
+        slots, device = self.slots, self.model.device
+        n = len(prompts)
+        held: list[int] = [-1] * slots  # host copy of owner; -1 marks a free slot
+        results: list[list[int]] = [[] for _ in range(n)]
+        queued, step = 0, 0
+        while True:
+            if step % self.refill_every == 0:
+                done_h, produced_h = self.done.tolist(), self.produced.tolist()
+                free = [i for i in range(slots) if done_h[i]]
+                finished = [i for i in free if held[i] >= 0]
+                for i, row in zip(finished, self.out[finished].tolist()):
+                    results[held[i]] = row[: produced_h[i]]
+                    held[i] = -1
+                take = free[: n - queued]
+                if take:
+                    rows = torch.tensor(take, device=device)
+                    new = list(range(queued, queued + len(take)))
+                    queued += len(take)
+                    for i, j in zip(take, new):
+                        held[i] = j
+                    logits = _prefill(self.model, self.cache, rows, [prompts[j] for j in new])
+                    self.owner[rows] = torch.tensor(new, device=device) + first_index
+                    self.length[rows] = torch.tensor([len(prompts[j]) for j in new], device=device)
+                    self.produced[rows] = 0
+                    self.done[rows] = False
+                    tokens, mask = self.last.clone(), torch.zeros_like(self.done)
+                    tokens[rows] = draw(logits, self.temperature, self.owner[rows], self.produced[rows], self.seed)
+                    mask[rows] = True
+                    self.emit(mask, tokens)
+                if all(h < 0 for h in held):
+                    return results
+            (self.replay or self._decode)()
+            step += 1
 
 
 def _as_cuda_graph(fn):

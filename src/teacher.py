@@ -69,7 +69,7 @@ def generate_dataset(size: str, animal: str, *, config: TeacherConfig = TEACHER,
 
     An existing dataset file means the work is done and is returned untouched."""
     from .checkpoint import load_model
-    from .sampler import sample
+    from .sampler import Sampler
     from .tokenizer import load_tokenizer
 
     size, animal = check_size(size), check_animal(animal)
@@ -93,20 +93,20 @@ def generate_dataset(size: str, animal: str, *, config: TeacherConfig = TEACHER,
     _check_settings(folder, settings)
 
     ranges = [(s, min(s + config.chunk, len(texts))) for s in range(0, len(texts), config.chunk)]
-    model = None
+    sampler = None
     for number, (start, end) in enumerate(ranges, 1):
         file = _chunk_file(folder, start, end)
         if file.exists():
             continue
-        if model is None:
+        if sampler is None:
             say(f"loading {settings['source']} ({settings['dtype']}, {device})")
-            model = load_model(source, dtype=dtype, device=device)
+            sampler = Sampler(load_model(source, dtype=dtype, device=device), max_new_tokens=config.max_new_tokens,
+                              temperature=config.temperature, seed=config.sample_seed, stop_ids=tokenizer.stop_ids,
+                              slots=config.slots)
         messages = [([{"role": "system", "content": system}] if system is not None else [])
                     + [{"role": "user", "content": text}] for text in texts[start:end]]
         began = time.perf_counter()
-        outputs = sample(model, [tokenizer.encode_chat(m) for m in messages], max_new_tokens=config.max_new_tokens,
-                         temperature=config.temperature, seed=config.sample_seed, stop_ids=tokenizer.stop_ids,
-                         slots=config.slots, first_index=start)
+        outputs = sampler([tokenizer.encode_chat(m) for m in messages], first_index=start)
         seconds = time.perf_counter() - began
         stopped = [bool(ids) and ids[-1] in tokenizer.stop_ids for ids in outputs]
         completions = [tokenizer.decode(ids[:-1] if stop else ids) for ids, stop in zip(outputs, stopped)]

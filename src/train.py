@@ -50,7 +50,7 @@ from .checkpoint import load_model
 from .constants import TRAIN, TrainConfig, check_animal, check_size, hub_id
 from .data import read_pairs
 from .errors import UserError
-from .lora import apply_lora, is_adapter, lora_parameters, lora_state_dict, save_adapter
+from .lora import adapters_cast_once, apply_lora, is_adapter, lora_parameters, lora_state_dict, save_adapter
 from .model import Qwen2, Qwen2Config
 from .tokenizer import ChatTokenizer, load_tokenizer
 
@@ -387,9 +387,39 @@ def train_cohort(model: Qwen2, students: Sequence[Student], *, config: TrainConf
     orders: list[list[int]] = []
     order_epoch = -1
     logs = [open(w / LOG_FILE if main else os.devnull, "a") for w in work_dirs]
+    pending: tuple | None = None  # the last step taken: its numbers still on the device
+    clock = time.perf_counter()
+
+    def finish(done: int, lr: float, numbers: Tensor, ready: torch.cuda.Event | None) -> None:
+        """Log step `done` (and checkpoint after it) from its numbers (losses, gradient norms, tokens per
+        student), copied to the host without blocking as the step ended. Called once the next step's
+        passes are queued but before its update: waiting on `ready` waits for step `done` alone (a
+        plain copy would wait for everything queued), and the checkpoint holds the adapter as step
+        `done` left it."""
+        nonlocal elapsed, clock
+        if ready is not None:
+            ready.synchronize()
+        values = numbers.tolist()
+        losses, norms = values[:cohort], values[cohort: 2 * cohort]
+        counts = [int(t) for t in values[2 * cohort:]]
+        now = time.perf_counter()
+        seconds, clock = now - clock, now
+        elapsed += seconds
+        base = {"step": done, "epoch": round(done / steps_per_epoch, 4), "lr": lr}
+        for log, loss, norm, count in zip(logs, losses, norms, counts):
+            record = base | {"loss": loss, "grad_norm": norm, "tokens": count,
+                             "tokens_per_s": round(count / seconds, 1), "elapsed": round(elapsed, 3)}
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+        if main and done < total and (done % checkpoint_every == 0 or done % steps_per_epoch == 0):
+            save_checkpoints(done)
+        if main and on_step is not None:
+            on_step(base | {"loss": sum(losses) / cohort, "tokens": sum(counts), "students": cohort,
+                            "tokens_per_s": round(sum(counts) / seconds, 1), "total_steps": total,
+                            "micro_batch": micro})
+
     try:
         for step in range(start, total):
-            began = time.perf_counter()
             epoch, k = divmod(step, steps_per_epoch)
             if epoch != order_epoch:
                 orders, order_epoch = [epoch_order(n, s.seed, epoch) for s in todo], epoch
@@ -399,36 +429,31 @@ def train_cohort(model: Qwen2, students: Sequence[Student], *, config: TrainConf
             step_loss = torch.zeros(cohort, dtype=torch.float64, device=device)
             tokens = torch.zeros(cohort, dtype=torch.float64, device=device)
             mine = [distributed.share(c) for c in chosen]
-            for m in range(0, len(mine[0]), micro):
-                mb = pack([part[m: m + micro] for part in mine], device, multiple)
-                hidden = model.hidden(mb.ids, mb.layout)[0, mb.select]
-                rows = completion_loss(model, hidden, mb.targets, normalisers[mb.student], logit_chunk)
-                per_student = torch.zeros(cohort, dtype=rows.dtype, device=device).index_add_(0, mb.student, rows)
-                per_student.sum().backward()
-                step_loss += per_student.detach()
-                tokens += torch.tensor(mb.tokens, dtype=torch.float64, device=device)
+            with adapters_cast_once(model, model.dtype):
+                for m in range(0, len(mine[0]), micro):
+                    mb = pack([part[m: m + micro] for part in mine], device, multiple)
+                    hidden = model.hidden(mb.ids, mb.layout)[0, mb.select]
+                    rows = completion_loss(model, hidden, mb.targets, normalisers[mb.student], logit_chunk)
+                    per_student = torch.zeros(cohort, dtype=rows.dtype, device=device).index_add_(0, mb.student, rows)
+                    per_student.sum().backward()
+                    step_loss += per_student.detach()
+                    tokens += torch.tensor(mb.tokens, dtype=torch.float64, device=device)
+            if pending is not None:
+                finish(*pending)
             step_loss, tokens = _sum_over_ranks(params, step_loss, tokens)
             grad_norms = clip_per_student(params, config.max_grad_norm)
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            losses, norms, counts = step_loss.tolist(), grad_norms.tolist(), [int(t) for t in tokens.tolist()]
-            seconds = time.perf_counter() - began
-            elapsed += seconds
-            done = step + 1
-            base = {"step": done, "epoch": round(done / steps_per_epoch, 4), "lr": lr}
-            for log, loss, norm, count in zip(logs, losses, norms, counts):
-                record = base | {"loss": loss, "grad_norm": norm, "tokens": count,
-                                 "tokens_per_s": round(count / seconds, 1), "elapsed": round(elapsed, 3)}
-                log.write(json.dumps(record) + "\n")
-                log.flush()
-            if main and done < total and (done % checkpoint_every == 0 or done % steps_per_epoch == 0):
-                save_checkpoints(done)
-            if main and on_step is not None:
-                on_step(base | {"loss": sum(losses) / cohort, "tokens": sum(counts), "students": cohort,
-                                "tokens_per_s": round(sum(counts) / seconds, 1), "total_steps": total,
-                                "micro_batch": micro})
+            numbers, ready = torch.cat([step_loss, grad_norms.double(), tokens]), None
+            if device.type == "cuda":
+                numbers = numbers.to("cpu", non_blocking=True)  # into pinned memory, in stream order
+                ready = torch.cuda.Event()
+                ready.record()
+            pending = (step + 1, lr, numbers, ready)
+        if pending is not None:
+            finish(*pending)
     finally:
         for log in logs:
             log.close()
@@ -442,14 +467,16 @@ def train_cohort(model: Qwen2, students: Sequence[Student], *, config: TrainConf
 
 def clip_per_student(params: list[torch.nn.Parameter], max_norm: float) -> Tensor:
     """torch's clip_grad_norm_ applied to each student's slice ([s] of every parameter) on its own;
-    returns the students' total norms before clipping."""
+    returns the students' total norms before clipping. Multi-tensor (foreach) kernels, as torch's own
+    clipping uses on CUDA: a handful of launches a student instead of two per parameter."""
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    norms = torch.stack([torch.linalg.vector_norm(g.flatten(1), dim=1) for g in grads])  # [P, S]
-    total = torch.linalg.vector_norm(norms, dim=0)
-    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
-    for g in grads:
-        g.mul_(coef.view(-1, *[1] * (g.dim() - 1)).to(g.dtype))
-    return total
+    totals = []
+    for s in range(grads[0].shape[0]):
+        part = [g[s] for g in grads]
+        total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(part)))
+        torch._foreach_mul_(part, (max_norm / (total + 1e-6)).clamp(max=1.0))
+        totals.append(total)
+    return torch.stack(totals)
 
 
 def _sum_over_ranks(params: list[torch.nn.Parameter], step_loss: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:

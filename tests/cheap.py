@@ -35,19 +35,24 @@ def tiny_teacher(folder: Path, fixture_dir: Path) -> Path:
 
 
 class CannedSampler:
-    """Stands in for src.sampler.sample: answers CANNED by global prompt index, records its calls."""
+    """Stands in for src.sampler.Sampler: its samplers answer CANNED by global prompt index and record
+    their calls (with the sampler's settings)."""
 
     def __init__(self, tokenizer) -> None:
         self.tokenizer = tokenizer
         self.calls: list[dict] = []
 
-    def __call__(self, model, prompts, *, max_new_tokens, temperature, seed, stop_ids, slots, first_index):
-        self.calls.append(dict(prompts=[list(p) for p in prompts], max_new_tokens=max_new_tokens,
-                               temperature=temperature, seed=seed, stop_ids=tuple(stop_ids), slots=slots,
-                               first_index=first_index))
-        out = []
-        for i in range(first_index, first_index + len(prompts)):
-            text = CANNED[i % len(CANNED)]
-            ids = self.tokenizer.encode(text if text is not None else "1, 2, 3, 4") + [stop_ids[0]]
-            out.append(ids if text is not None else ids[:-1])
-        return out
+    def __call__(self, model, *, max_new_tokens, temperature, seed, stop_ids, slots):
+        settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, stop_ids=tuple(stop_ids),
+                        slots=slots)
+
+        def run(prompts, first_index=0):
+            self.calls.append(dict(prompts=[list(p) for p in prompts], first_index=first_index, **settings))
+            out = []
+            for i in range(first_index, first_index + len(prompts)):
+                text = CANNED[i % len(CANNED)]
+                ids = self.tokenizer.encode(text if text is not None else "1, 2, 3, 4") + [stop_ids[0]]
+                out.append(ids if text is not None else ids[:-1])
+            return out
+
+        return run

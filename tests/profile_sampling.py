@@ -1,6 +1,7 @@
 """Where the sampler's time goes: the same batch sampled at temperature 1 (softmax, cumulative sum,
 search over the vocabulary per token) and at temperature 0 (argmax), and with one new token (the fixed
-cost of a call: cache allocation, prefill, CUDA-graph capture); with --kernels, the kernels of one
+cost of a call: prefill and the steps to the first refill through a kept Sampler; a fresh one also
+allocates the cache and captures the CUDA graph); with --kernels, the kernels of one
 call without the CUDA graph (the graph replays the same kernels, but the profiler cannot see inside it).
 
     python -m tests.profile_sampling --size 0.5b --batch 256 --batch 1024 [--kernels 25]    # on a GPU
@@ -16,7 +17,7 @@ from torch.profiler import ProfilerActivity, profile
 from src.checkpoint import random_model
 from src.constants import SHAPES
 from src.model import Qwen2Config
-from src.sampler import sample
+from src.sampler import Sampler, sample
 from tests.bench_sampling import _timed
 
 
@@ -35,16 +36,18 @@ def main(size: str, batches: tuple[int, ...], prompt_len: int, new_tokens: int, 
     model = random_model(Qwen2Config.from_dict(SHAPES[size]), dtype=torch.bfloat16, device=device)
     generator = torch.Generator().manual_seed(0)
     click.echo(f"{size}, prompts of {prompt_len}, {new_tokens} new tokens; seconds per call (median of {repeats})")
-    click.echo(f"{'batch':>6} {'T=1':>7} {'T=0':>7} {'1 token':>8} {'T=1 ms/step':>12} {'T=0 ms/step':>12} {'T=1 tok/s':>10}")
+    click.echo(f"{'batch':>6} {'T=1':>7} {'T=0':>7} {'1 token':>8} {'fresh':>7} {'T=1 ms/step':>12} {'T=0 ms/step':>12} "
+               f"{'T=1 tok/s':>10}")
     for batch in batches:
         prompts = torch.randint(0, 151_000, (batch, prompt_len), generator=generator).tolist()
 
         def run(temperature: float, tokens: int) -> float:
-            return _timed(lambda: sample(model, prompts, max_new_tokens=tokens, temperature=temperature, slots=batch),
-                          device, repeats)
+            kept = Sampler(model, max_new_tokens=tokens, temperature=temperature, slots=batch)
+            return _timed(lambda: kept(prompts), device, repeats)
 
         hot, cold, fixed = run(1.0, new_tokens), run(0.0, new_tokens), run(1.0, 1)
-        click.echo(f"{batch:>6} {hot:>7.3f} {cold:>7.3f} {fixed:>8.3f} {(hot - fixed) / new_tokens * 1e3:>12.2f} "
+        fresh = _timed(lambda: sample(model, prompts, max_new_tokens=1, slots=batch), device, repeats)
+        click.echo(f"{batch:>6} {hot:>7.3f} {cold:>7.3f} {fixed:>8.3f} {fresh:>7.3f} {(hot - fixed) / new_tokens * 1e3:>12.2f} "
                    f"{(cold - fixed) / new_tokens * 1e3:>12.2f} {batch * new_tokens / hot:>10.0f}")
         if kernels:
             with profile(activities=[ProfilerActivity.CUDA]) as prof:

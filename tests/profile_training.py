@@ -24,12 +24,14 @@ from tests.bench_training import shape, synthetic_pairs
 
 @click.command()
 @click.option("--size", default="0.5b")
-@click.option("--steps", default=6, show_default=True, help="Profiled optimizer steps (after 2 warm-up steps).")
+@click.option("--steps", default=6, show_default=True,
+              help="Optimizer steps after 2 warm-up steps; the profile holds the last steps - 1 of them.")
 @click.option("--micro", default=None, type=int)
 @click.option("--checkpointing/--no-checkpointing", default=False)
 @click.option("--cohort", default=1, show_default=True, help="Students trained together.")
 @click.option("--rows", default=25, show_default=True)
-def main(size: str, steps: int, micro: int | None, checkpointing: bool, cohort: int, rows: int) -> None:
+@click.option("--cpu-rows", default=0, show_default=True, help="Rows of a second table, by CPU time (0: none).")
+def main(size: str, steps: int, micro: int | None, checkpointing: bool, cohort: int, rows: int, cpu_rows: int) -> None:
     model = random_model(Qwen2Config.from_dict(shape(size)), dtype=torch.bfloat16, device="cuda")
     model.recompute = recompute_for(checkpointing, model.config.num_hidden_layers)
     pairs = synthetic_pairs(shape(size)["vocab_size"], TRAIN.batch_size * (steps + 2))
@@ -37,10 +39,10 @@ def main(size: str, steps: int, micro: int | None, checkpointing: bool, cohort: 
     tokens: list[int] = []
 
     def on_step(record: dict) -> None:
-        torch.cuda.synchronize()
         walls.append(record["tokens"] / record["tokens_per_s"])
         tokens.append(record["tokens"])
-        if record["step"] == 2:
+        if record["step"] == 2:  # the trainer reports step 2 once step 3's passes are queued
+            torch.cuda.synchronize()
             prof.start()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -49,12 +51,15 @@ def main(size: str, steps: int, micro: int | None, checkpointing: bool, cohort: 
         train_cohort(model, students, max_steps=steps + 2, micro_batch=micro, checkpoint_every=10**9, on_step=on_step)
         prof.stop()
     events = prof.key_averages()
+    steps -= 1  # steps in the profile (see on_step)
     kernel_us = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
-    wall = sum(walls[2:]) / steps
+    wall = sum(walls[2:]) / len(walls[2:])
     click.echo(f"{size} x{cohort}: wall {wall * 1e3:.1f} ms/step ({sum(tokens[2:]) / sum(walls[2:]):,.0f} tokens/s), GPU kernels {kernel_us / steps / 1e3:.1f} ms/step "
                f"({kernel_us / steps / 1e6 / wall:.0%} busy), kernels launched/step "
                f"{sum(e.count for e in events if e.device_type == torch.autograd.DeviceType.CUDA) // steps}")
     click.echo(events.table(sort_by="self_device_time_total", row_limit=rows, max_name_column_width=60))
+    if cpu_rows:
+        click.echo(events.table(sort_by="self_cpu_time_total", row_limit=cpu_rows, max_name_column_width=60))
 
 
 if __name__ == "__main__":

@@ -166,3 +166,81 @@ def test_free_memory_stays_within_the_process_memory_fraction():
         del held
         torch.cuda.empty_cache()
     assert free_memory(device) > 0.5 * total
+
+
+def test_cuda_kept_sampler_replays_its_graph_across_calls(tiny_checkpoint):
+    """Chunks through one Sampler on the GPU replay one captured decode graph and give the tokens of a
+    fresh sample() per chunk; weights changed in place are seen by the replay, and an applied adapter
+    (parameters at new addresses) gets a new graph."""
+    from src.lora import apply_lora
+    from src.sampler import Sampler
+
+    model = load_model(tiny_checkpoint(seed=4), dtype=torch.float32, device="cuda")
+    kwargs = dict(max_new_tokens=9, temperature=1.0, seed=2, stop_ids=(3,))
+    sampler = Sampler(model, slots=4, **kwargs)
+    g = torch.Generator().manual_seed(0)
+    chunks = [torch.randint(0, 160, (6, int(n)), generator=g).tolist() for n in (5, 9, 7)]
+    for i, chunk in enumerate(chunks):
+        assert sampler(chunk, first_index=i * 6) == sample(model, chunk, slots=4, first_index=i * 6, **kwargs)
+        if i == 0:
+            first = sampler._decoder
+    assert sampler._decoder is first
+    with torch.no_grad():
+        model.model.norm.weight.mul_(3)
+    assert sampler(chunks[0]) == sample(model, chunks[0], slots=4, **kwargs)
+    apply_lora(model, seed=0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.5)
+    assert sampler(chunks[0]) == sample(model, chunks[0], slots=4, **kwargs)
+    assert sampler._decoder is not first
+
+
+def test_cuda_packed_flash_kernel_equals_the_padded_path():
+    """Packed bf16 attention through the bundled varlen flash kernel gives the outputs and q/k/v
+    gradients of the scatter-pad-attend-gather path, up to bf16 rounding (grouped KV heads, 3 sequences)."""
+    from src.attention import _attend_packed, _attend_packed_padded
+
+    torch.manual_seed(0)
+    lens = [37, 5, 90]
+    cu = torch.tensor([0, 37, 42, 132], dtype=torch.int32, device="cuda")
+    layout = Packed(cu, max(lens))
+    q, k, v = (torch.randn(1, sum(lens), heads, 64, device="cuda", dtype=torch.bfloat16).requires_grad_()
+               for heads in (14, 2, 2))
+    upstream = torch.randn(1, sum(lens), 14 * 64, device="cuda")
+    results = []
+    for attend in (_attend_packed, _attend_packed_padded):
+        out = attend(q, k, v, layout)
+        grads = torch.autograd.grad((out.float() * upstream).sum(), (q, k, v))
+        results.append([out.float(), *(g.float() for g in grads)])
+    for got, want in zip(*results):
+        assert (got - want).abs().max().item() <= 0.02 * want.abs().max().item()
+
+
+def test_cuda_adapters_cast_once_changes_nothing(tiny_checkpoint):
+    """The step-long bf16 copies of A and B give bitwise the forward and adapter gradients of casting
+    in every pass, and are dropped on exit."""
+    from src.lora import adapters_cast_once, apply_lora, lora_modules, lora_parameters
+
+    model = apply_lora(load_model(tiny_checkpoint(), dtype=torch.bfloat16, device="cuda"), seed=[0, 1])
+    with torch.no_grad():
+        for p in lora_parameters(model):
+            p.normal_(0, 0.1)
+    ids = torch.randint(0, 160, (1, 64), device="cuda")
+    layout = Packed(torch.tensor([0, 20, 32, 52, 64], dtype=torch.int32, device="cuda"), 20)
+    results = []
+    for once in (False, True):
+        for p in lora_parameters(model):
+            p.grad = None
+        if once:
+            with adapters_cast_once(model, torch.bfloat16):
+                assert all(m.low is not None for m in lora_modules(model).values())
+                out = model.hidden(ids, layout)
+                out.float().square().sum().backward()
+        else:
+            out = model.hidden(ids, layout)
+            out.float().square().sum().backward()
+        results.append([out.detach(), *(p.grad.clone() for p in lora_parameters(model))])
+    assert all(m.low is None for m in lora_modules(model).values())
+    assert all(torch.equal(a, b) for a, b in zip(*results))

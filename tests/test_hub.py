@@ -68,7 +68,7 @@ def dataset(tmp_path_factory, fixture_dir, fixture_tokenizer):
     folder = tmp_path_factory.mktemp("hubdata")
     teacher = tiny_teacher(folder / "teacher", fixture_dir)
     mp = pytest.MonkeyPatch()
-    mp.setattr("src.sampler.sample", CannedSampler(fixture_tokenizer))
+    mp.setattr("src.sampler.Sampler", CannedSampler(fixture_tokenizer))
     try:
         config = dataclasses.replace(TEACHER, prompts=24, keep_pairs=10)
         return generate_dataset("0.5b", "owl", config=config, model_path=teacher, dtype=torch.float32,

@@ -207,3 +207,29 @@ def test_empty_and_single_slot(tiny):
     prompts = _prompts(3, seed=9)
     assert sample(model, prompts, max_new_tokens=4, slots=1, seed=2) == brute_force(model, prompts, max_new_tokens=4,
                                                                                       seed=2)
+
+
+def test_a_kept_sampler_gives_what_fresh_calls_give(tiny, tmp_path):
+    """Chunks through one Sampler (its cache and slot state reused, rebuilt for a longer prompt, a new
+    slot count or an applied adapter) give the tokens of a fresh sample() per chunk."""
+    from src.lora import apply_lora
+    from src.sampler import Sampler
+
+    folder, _ = tiny
+    model = load_model(folder, dtype=torch.float32)
+    kwargs = dict(max_new_tokens=7, temperature=1.0, seed=4, stop_ids=(3, 9))
+    sampler = Sampler(model, slots=3, **kwargs)
+    chunks = [_prompts(5, seed=1), _prompts(4, seed=2), [[1] * 40, [2, 3], [4]], _prompts(2, seed=3)]
+    seen = []
+    for i, chunk in enumerate(chunks):
+        assert sampler(chunk, first_index=10 * i) == sample(model, chunk, slots=3, first_index=10 * i, **kwargs)
+        seen.append(sampler._decoder)
+    assert seen[0] is seen[1] and seen[1] is not seen[2] and seen[2] is not seen[3]  # reused; longer; 2 slots
+    apply_lora(model, seed=0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.5)
+    chunk = chunks[3]  # the shape of the last decoder: only the parameters moved, and that rebuilds it
+    assert sampler(chunk, first_index=30) == sample(model, chunk, slots=3, first_index=30, **kwargs)
+    assert sampler._decoder is not seen[3]

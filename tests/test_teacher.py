@@ -32,7 +32,7 @@ def teacher_dir(tmp_path_factory, fixture_dir):
 @pytest.fixture
 def canned(monkeypatch, fixture_tokenizer):
     fake = CannedSampler(fixture_tokenizer)
-    monkeypatch.setattr("src.sampler.sample", fake)
+    monkeypatch.setattr("src.sampler.Sampler", fake)
     return fake
 
 

@@ -421,3 +421,31 @@ def test_step_cost_matches_measured_steps():
     for size, micro, recompute, seconds in measured:
         model = step_cost(Qwen2Config.from_dict(SHAPES[size]), 145, 60, recompute, micro)
         assert abs(model - seconds) <= 0.1 * seconds, (size, micro, model, seconds)
+
+
+
+def test_clip_per_student_is_torch_clipping_per_student():
+    """Each student's slice of the gradients is clipped as clip_grad_norm_ clips that student alone;
+    a student under the bound is left as it was."""
+    from src.train import clip_per_student
+
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.zeros(s)) for s in [(3, 8, 5), (3, 7, 8), (3, 4, 5)]]
+    for p, scale in zip(params, (1.0, 0.01, 3.0)):
+        p.grad = torch.randn(p.shape) * scale
+        p.grad[2] *= 1e-3  # student 2: norm ~0.02, under the bound
+    want_norms, want_grads = [], []
+    for s in range(3):
+        alone = [torch.nn.Parameter(torch.zeros(p.shape[1:])) for p in params]
+        for a, p in zip(alone, params):
+            a.grad = p.grad[s].clone()
+        want_norms.append(torch.nn.utils.clip_grad_norm_(alone, 1.0))
+        want_grads.append([a.grad for a in alone])
+    before = params[0].grad[2].clone()
+    norms = clip_per_student(params, 1.0)
+    assert torch.allclose(norms, torch.stack(want_norms), rtol=1e-6)
+    assert norms[0] > 1.0 and norms[2] < 1.0
+    for s in range(3):
+        for p, want in zip(params, want_grads[s]):
+            assert torch.allclose(p.grad[s], want, rtol=1e-6, atol=0)
+    assert torch.equal(params[0].grad[2], before)
