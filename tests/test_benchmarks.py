@@ -1,0 +1,44 @@
+"""The benchmarks run end to end on the CPU (tiny shapes), so a change to the trainer or the sampler
+cannot silently break the tools that measure them; their numbers are checked for sense, not speed."""
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+import torch
+from click.testing import CliRunner
+
+from src.checkpoint import random_model
+from src.model import Qwen2Config
+from src.train import Student, train_cohort
+from tests import bench_sampling, bench_training
+from tests.cheap import one_thread  # noqa: F401 (fixture)
+
+
+def test_training_benchmark_times_whole_steps(one_thread, tmp_path):
+    """Ours is timed over steps 4..N from outside the trainer; on the CPU (nothing overlaps) that agrees
+    with the trainer's own per-step times. The table has both sides; fewer than 4 steps is refused."""
+    steps = 6
+    pairs = bench_training.synthetic_pairs(1000, 60 * steps)
+    result = bench_training.run_ours("tiny", pairs, steps, None, None, "cpu", 790.0)
+    records: list[dict] = []
+    model = random_model(Qwen2Config.from_dict(bench_training.TINY), dtype=torch.float32)
+    train_cohort(model, [Student(pairs, Path(tmp_path) / "a", Path(tmp_path) / "w", 0)], max_steps=steps,
+                 checkpoint_every=10**9, on_step=records.append)
+    own = statistics.median(r["tokens"] / r["tokens_per_s"] for r in records[3:])
+    assert result.impl == "ours" and result.micro == 60 and 0.3 < result.step_s / own < 3.0
+
+    out = CliRunner().invoke(bench_training.main, ["--sizes", "tiny", "--steps", "4", "--device", "cpu"])
+    assert out.exit_code == 0, out.output
+    rows = [line.split() for line in out.output.splitlines() if line.startswith(" tiny")]
+    assert [r[1] for r in rows] == ["ours", "trl+peft"] and rows[0][-1].endswith("x")
+    refused = CliRunner().invoke(bench_training.main, ["--sizes", "tiny", "--steps", "3", "--device", "cpu"])
+    assert refused.exit_code == 2 and "--steps" in refused.output
+
+
+def test_sampling_benchmark_runs_both_sides(one_thread):
+    out = CliRunner().invoke(bench_sampling.main, ["--size", "tiny", "--device", "cpu", "--batch", "3",
+                                                   "--new-tokens", "4", "--repeats", "1"])
+    assert out.exit_code == 0, out.output
+    row = out.output.strip().splitlines()[-1].split()
+    assert row[0] == "3" and all(r.endswith("x") and float(r[:-1]) > 0 for r in row[-2:])
