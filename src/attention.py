@@ -100,6 +100,12 @@ class Cached:
     fresh: bool = False
 
     @cached_property
+    def rows(self) -> Tensor:
+        """[B, T]: the cache slot each query's key and value go to (built once for all layers)."""
+        slots = self.slots if self.slots is not None else torch.arange(self.positions.shape[0], device=self.positions.device)
+        return slots[:, None].expand_as(self.positions)
+
+    @cached_property
     def mask(self) -> Tensor:
         """[B, 1, T, kv_len]: a query at position p sees cache rows <= p (built once for all layers)."""
         key_pos = torch.arange(self.kv_len, device=self.positions.device)
@@ -177,10 +183,8 @@ def _attend_packed_padded(q: Tensor, k: Tensor, v: Tensor, layout: Packed) -> Te
 
 def _attend_cached(q: Tensor, k: Tensor, v: Tensor, layout: Cached, layer: int) -> Tensor:
     cache = layout.cache
-    rows = layout.slots if layout.slots is not None else torch.arange(q.shape[0], device=q.device)
-    rows = rows[:, None].expand_as(layout.positions)
-    cache.k[layer, rows, :, layout.positions] = k
-    cache.v[layer, rows, :, layout.positions] = v
+    cache.k[layer, layout.rows, :, layout.positions] = k
+    cache.v[layer, layout.rows, :, layout.positions] = v
     if layout.fresh:
         return _sdpa(q, k, v, None, causal=True)
     if layout.slots is None:  # a view, no gather

@@ -84,6 +84,7 @@ def load_model(name_or_path: str | Path, dtype: torch.dtype = torch.bfloat16,
     missing = sorted(set(params) - loaded)
     if missing:
         raise UserError(f"checkpoint {folder} lacks {len(missing)} weights, e.g. {missing[0]!r}")
+    model.fuse_projections()  # the loaded q/k/v and gate/up weights into one buffer each, a group at a time
     model.eval()
     return model
 

@@ -2,14 +2,17 @@
 
 RMSNorm, rotary embeddings, grouped-query attention with q/k/v biases, SwiGLU MLP, tied or
 untied LM head. Module names equal transformers' so checkpoints and PEFT adapters map 1:1
-(`model.layers.3.self_attn.q_proj.weight`). The arrangement of tokens (padded, packed, cached)
-is an `attention` layout passed through; the math here does not change with it.
+(`model.layers.3.self_attn.q_proj.weight`). The q/k/v and gate/up weights of a block are views
+of one buffer each (`fuse`), so each group runs as one GEMM (`project`) and one LoRA update. The
+arrangement of tokens (padded, packed, cached) is an `attention` layout passed through; the math
+here does not change with it.
 """
 from __future__ import annotations
 
 import functools
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from types import SimpleNamespace
@@ -20,6 +23,7 @@ from torch import Tensor, nn
 
 from .attention import KVCache, Layout, Padded, attend, positions_for
 from .errors import UserError
+from .lora import LoraLinear
 
 
 @dataclass(frozen=True)
@@ -74,8 +78,67 @@ def fused_kernels() -> SimpleNamespace | None:
         from kernels import rmsnorm, rope, sampling, swiglu
     except ImportError:
         return None
-    return SimpleNamespace(rms_norm=rmsnorm.rms_norm, rope=rope.rope, swiglu=swiglu.swiglu,
+    return SimpleNamespace(rms_norm=rmsnorm.rms_norm, rope_qkv=rope.rope_qkv, swiglu=swiglu.swiglu,
                            block_stats=sampling.block_stats)
+
+
+def fuse(layers: Sequence[nn.Module]) -> None:
+    """Move the weights (and biases) of linear layers that read the same input into one buffer, each
+    layer's parameter a view of its rows, so that `project` runs them as one GEMM. Values are kept,
+    names too (`q_proj.weight` stays a parameter of its own for checkpoints and PEFT)."""
+    for name in ("weight", "bias"):
+        params = [getattr(layer, name) for layer in layers]
+        if any(p is None for p in params):
+            continue
+        with torch.no_grad():
+            buffer = torch.cat([p.detach() for p in params])
+        start = 0
+        for layer, p in zip(layers, params):
+            setattr(layer, name, nn.Parameter(buffer[start: start + p.shape[0]], requires_grad=p.requires_grad))
+            start += p.shape[0]
+
+
+def _back_to_back(tensors: Sequence[Tensor]) -> bool:
+    """Whether the tensors lie one after another in one storage, as `fuse` leaves them."""
+    first, rows = tensors[0], 0
+    storage = first.untyped_storage().data_ptr()
+    for t in tensors:
+        if (not t.is_contiguous() or t.untyped_storage().data_ptr() != storage
+                or t.storage_offset() != first.storage_offset() + rows * first[0].numel()):
+            return False
+        rows += t.shape[0]
+    return True
+
+
+def fused_weights(layers: Sequence[nn.Module]) -> tuple[Tensor, Tensor | None] | None:
+    """(weight [sum of outputs, in], bias or None) of `layers` as one GEMM's operands, views of the buffer
+    `fuse` put them in; None where they are not (moved since), or are trainable (a view across them
+    would not pass gradients back to each)."""
+    operands = []
+    for tensors in ([layer.weight for layer in layers], [layer.bias for layer in layers]):
+        if all(t is None for t in tensors):
+            operands.append(None)
+            continue
+        if any(t is None or t.requires_grad for t in tensors) or not _back_to_back(tensors):
+            return None
+        rows = sum(t.shape[0] for t in tensors)
+        operands.append(tensors[0].as_strided((rows, *tensors[0].shape[1:]), tensors[0].stride()))
+    return operands[0], operands[1]
+
+
+def project(layers: Sequence[nn.Module], x: Tensor) -> Tensor:
+    """The outputs of linear layers (plain or LoRA) that read the same input x, side by side [..., sum of
+    outputs]: one GEMM over their fused weights (and for LoRA layers one grouped low-rank update);
+    layer by layer, then joined, where the weights are not fused or the layers are of mixed kinds."""
+    fused = fused_weights(layers)
+    if fused is not None:
+        if all(type(layer) is nn.Linear for layer in layers):
+            return F.linear(x, *fused)
+        if all(isinstance(layer, LoraLinear) for layer in layers):
+            out = LoraLinear.grouped(layers, x, *fused)
+            if out is not None:
+                return out
+    return torch.cat([layer(x) for layer in layers], -1)
 
 
 class RMSNorm(nn.Module):
@@ -103,13 +166,22 @@ def rope_tables(positions: Tensor, head_dim: int, theta: float, dtype: torch.dty
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     half = x.shape[-1] // 2
-    if x.is_cuda and half & (half - 1) == 0 and (fused := fused_kernels()):
-        return fused.rope(x, cos, sin)
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos + rotated * sin
 
 
+def split_heads(qkv: Tensor, cos: Tensor, sin: Tensor, heads: int, kv_heads: int) -> tuple[Tensor, Tensor, Tensor]:
+    """q [..., H, D], k and v [..., Hkv, D] from the q/k/v projections side by side, q and k rotated."""
+    half = cos.shape[-1] // 2
+    if qkv.is_cuda and half & (half - 1) == 0 and (fused := fused_kernels()):
+        return fused.rope_qkv(qkv, cos, sin, heads, kv_heads)
+    q, k, v = qkv.unflatten(-1, (heads + 2 * kv_heads, 2 * half)).split([heads, kv_heads, kv_heads], -2)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
 class Attention(nn.Module):
+    shared_input = (("q_proj", "k_proj", "v_proj"),)  # run as one projection (`fuse`, `project`)
+
     def __init__(self, cfg: Qwen2Config, layer: int) -> None:
         super().__init__()
         self.layer, self.heads, self.kv_heads, self.head_dim = layer, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -119,15 +191,14 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.heads * self.head_dim, cfg.hidden_size, bias=False)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], layout: Layout) -> Tensor:
-        b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.heads, self.head_dim)
-        k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim)
-        v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        qkv = project((self.q_proj, self.k_proj, self.v_proj), x)
+        q, k, v = split_heads(qkv, *rope, self.heads, self.kv_heads)
         return self.o_proj(attend(q, k, v, layout, self.layer))
 
 
 class MLP(nn.Module):
+    shared_input = (("gate_proj", "up_proj"),)
+
     def __init__(self, cfg: Qwen2Config) -> None:
         super().__init__()
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
@@ -135,9 +206,10 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        gate, up = self.gate_proj(x), self.up_proj(x)
+        gate_up = project((self.gate_proj, self.up_proj), x)
         if x.is_cuda and (fused := fused_kernels()):
-            return self.down_proj(fused.swiglu(gate, up))
+            return self.down_proj(fused.swiglu(gate_up))
+        gate, up = gate_up.chunk(2, -1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -176,6 +248,23 @@ class Qwen2(nn.Module):
         # Activation checkpointing (memory for compute): the first `recompute` blocks keep only their
         # input and recompute the rest in backward; None lets training decide (src/train.py: memory_plan).
         self.recompute: int | None = 0
+        self.fuse_projections()
+
+    def fuse_projections(self) -> None:
+        """Give each group of projections that read the same input (`shared_input`: q/k/v, gate/up) one
+        weight buffer (`fuse`), where it has none: after construction, loading, or a move (`_apply`)."""
+        for module in self.modules():
+            for names in getattr(module, "shared_input", ()):
+                layers = [getattr(module, n) for n in names]
+                params = [[getattr(layer, name) for layer in layers] for name in ("weight", "bias")]
+                if any(group[0] is not None and not _back_to_back(group) for group in params):
+                    fuse(layers)
+
+    def _apply(self, fn, recurse: bool = True):
+        """A move or cast (`.to`, `.cuda`, ...) converts each parameter on its own; fuse them again."""
+        super()._apply(fn, recurse)
+        self.fuse_projections()
+        return self
 
     def hidden(self, input_ids: Tensor, layout: Layout | None = None) -> Tensor:
         """Final-norm hidden states [B, T, hidden] of token ids [B, T] arranged as `layout`."""

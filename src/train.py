@@ -58,9 +58,10 @@ TokenPair = tuple[list[int], list[int]]  # (prompt ids, completion ids)
 LOG_FILE = "train.jsonl"
 CHECKPOINT_FILE = "checkpoint.pt"
 CHECKPOINT_KEYS = {"fingerprint", "step", "elapsed", "lora", "adam", "scheduler"}
-LOGIT_CHUNK = 2048  # LM-head rows per chunk: bounds the float32 [rows, vocab] buffers (~1.2 GB each at 152k)
-PASS_SECONDS = 3.3e-3  # a pass through one block beyond its FLOPs (H200, 2026-12-01; see step_cost)
-FLOP_RATE = 640e12  # FLOP/s of the blocks' work in large micro-batches (14B on the H200: 81% of 790)
+LOGIT_CHUNK = 1024  # LM-head rows per chunk: bounds the float32 [rows, vocab] buffers (~0.6 GB each at 152k)
+# The step-cost model's constants (see step_cost), fitted to 13 steps of 7B, 14B and 32B on the H200, 2026-12-02
+BLOCK_HOST_SECONDS = 4.2e-3  # host time to queue one block's forward and backward for one pass
+FLOP_RATE = 500e12  # FLOP/s of the blocks' work (63% of a bare GEMM's 790)
 
 
 def tokenize_pairs(tokenizer: ChatTokenizer, pairs: Sequence[tuple[str, str]]) -> list[TokenPair]:
@@ -190,12 +191,12 @@ def activation_bytes(config: Qwen2Config, itemsize: int, recompute: int) -> floa
     block's worth for the backward in flight.
 
     A block keeps about 8 hidden-size and 3.3 intermediate-size vectors per token (q/k/v, attention
-    output, norms' and LoRA's inputs, gate/up/SwiGLU); counted here as 10 and 4, ~1.2x the measured
-    174 KB (14B) and 266 KB (32B) per token and block, a recomputed block as 2 hidden-size vectors
-    (measured 1.3-1.4) (H200, tests/profile_memory.py, 2026-12-01).
+    output, norms' and LoRA's inputs, gate/up/SwiGLU): 1.07-1.25x what peak memory grew by per token
+    and block (7B 145 KB, 14B 146 KB, 32B 246 KB; H200, micro-batches of 4-60, 2026-12-02); a
+    recomputed block as 2 hidden-size vectors (measured 1.3-1.4, tests/profile_memory.py).
     """
     c = config
-    layer = (10 * c.hidden_size + 4 * c.intermediate_size) * itemsize
+    layer = (8 * c.hidden_size + 3.3 * c.intermediate_size) * itemsize
     return layer * (1 + c.num_hidden_layers - recompute) + 2 * c.hidden_size * itemsize * recompute
 
 
@@ -219,29 +220,32 @@ def free_memory(device: torch.device) -> int:
     return int(min(free + torch.cuda.memory_reserved(device) - allocated, fraction * total - allocated))
 
 
-def memory_plan(config: Qwen2Config, itemsize: int, free_bytes: float, longest: int, batch: int,
+def memory_plan(config: Qwen2Config, itemsize: int, free_bytes: float, longest: int, mean: float, batch: int,
                 recompute: int | None) -> tuple[int, int]:
-    """(examples per forward, blocks recomputed) for a batch of `batch` examples; `recompute` None
-    decides, by the cost model of `step_cost`: fewer passes against recomputation."""
+    """(examples per forward, blocks recomputed) for a batch of `batch` examples, of `longest` tokens at
+    most (what must fit) and `mean` on average (what a step costs); `recompute` None decides, by the
+    cost model of `step_cost`: fewer passes against recomputation."""
     layers = config.num_hidden_layers
     if recompute is None:
         recompute = min(range(layers + 1), key=lambda k: step_cost(
-            config, longest, batch, k, fit_micro_batch(config, itemsize, free_bytes, longest, batch, k)))
+            config, mean, batch, k, fit_micro_batch(config, itemsize, free_bytes, longest, batch, k)))
     return fit_micro_batch(config, itemsize, free_bytes, longest, batch, recompute), recompute
 
 
-def step_cost(config: Qwen2Config, tokens: int, batch: int, recompute: int, micro: int) -> float:
+def step_cost(config: Qwen2Config, tokens: float, batch: int, recompute: int, micro: int) -> float:
     """Seconds of an optimizer step of `batch` examples of `tokens` tokens, `micro` per pass, `recompute`
-    blocks recomputed; a model for choosing, not a prediction. Each pass through a block costs
-    PASS_SECONDS beyond its FLOPs (launches and syncs: 14B steps of 9x7, 20x3, 30x2 took 1.84, 1.20
-    and 1.09 s on the H200), the FLOPs run at FLOP_RATE, and a recomputed block repeats its forward
-    (half again its work: launches and FLOPs)."""
-    c = config
+    blocks recomputed; a model for choosing, not a prediction. The step takes the longer of the GPU's
+    time (the blocks' FLOPs at FLOP_RATE) and the host's (BLOCK_HOST_SECONDS per block and pass); a
+    recomputed block repeats its forward, half again its work on both. Small passes leave the GPU
+    waiting for the host, big ones need recomputation."""
+    c, layers = config, config.num_hidden_layers
     block = c.hidden_size * (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim + \
         c.num_attention_heads * c.head_dim * c.hidden_size + 3 * c.hidden_size * c.intermediate_size
     passes = -(-batch // micro)
-    work = passes * c.num_hidden_layers * PASS_SECONDS + 4 * block * c.num_hidden_layers * tokens * batch / FLOP_RATE
-    return work * (1 + recompute / (2 * c.num_hidden_layers))
+    repeat = 1 + recompute / (2 * layers)
+    gpu = 4 * block * layers * tokens * batch / FLOP_RATE
+    host = BLOCK_HOST_SECONDS * layers * passes
+    return max(gpu, host) * repeat
 
 
 def recompute_for(checkpointing: bool | None, layers: int) -> int | None:
@@ -343,9 +347,10 @@ def train_cohort(model: Qwen2, students: Sequence[Student], *, config: TrainConf
     per_rank = math.ceil(batch / distributed.world())  # examples per process per step (all on one)
     cohort = len(todo)
     longest = max(len(e.ids) for q in seqs for e in q)
+    mean = sum(len(e.ids) for q in seqs for e in q) / sum(len(q) for q in seqs)
     if model.device.type == "cuda":  # from free memory; `model.recompute` None: decided here too
         fit, model.recompute = memory_plan(model.config, model.dtype.itemsize, free_memory(model.device),
-                                           longest, per_rank * cohort, model.recompute)
+                                           longest, mean, per_rank * cohort, model.recompute)
     else:  # the CPU has room for the whole batch
         fit, model.recompute = per_rank * cohort, model.recompute or 0
     if micro_batch is None:  # the fewest passes that fit, shared out evenly (20x3, not 24+24+12)

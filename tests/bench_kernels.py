@@ -16,7 +16,7 @@ import torch
 
 from kernels import rmsnorm, rope, swiglu
 from src.model import rope_tables
-from tests.test_kernels import eager_rms_norm, eager_rope, eager_swiglu
+from tests.test_kernels import eager_rms_norm, eager_rope_qkv, eager_swiglu
 
 
 def per_call(fn, calls: int) -> float:
@@ -31,24 +31,29 @@ def per_call(fn, calls: int) -> float:
     return (time.perf_counter() - start) / calls * 1e6
 
 
+def joined(outputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """q, k, v as one tensor (the timed call includes the join for both sides)."""
+    return torch.cat([t.flatten(-2) for t in outputs], -1)
+
+
 @click.command()
 @click.option("--rows", "row_counts", type=int, multiple=True, default=(8, 8192), show_default=True)
 @click.option("--calls", default=2000, show_default=True)
 def main(row_counts: tuple[int, ...], calls: int) -> None:
     device, dtype = torch.device("cuda"), torch.bfloat16
-    hidden, inter, heads, dim = 896, 4864, 14, 64  # Qwen2.5-0.5B
+    hidden, inter, heads, kv_heads, dim = 896, 4864, 14, 2, 64  # Qwen2.5-0.5B
     click.echo(f"{'kernel':>8} {'rows':>6} {'pass':>9} {'ours us':>8} {'eager us':>9} {'eager/ours':>10}")
     for rows in row_counts:
         x = torch.randn(rows, hidden, device=device, dtype=dtype, requires_grad=True)
         w = torch.randn(hidden, device=device, dtype=dtype)
-        g = torch.randn(rows, inter, device=device, dtype=dtype, requires_grad=True)
-        u = torch.randn(rows, inter, device=device, dtype=dtype, requires_grad=True)
-        q = torch.randn(1, rows, heads, dim, device=device, dtype=dtype, requires_grad=True)
+        gu = torch.randn(rows, 2 * inter, device=device, dtype=dtype, requires_grad=True)
+        qkv = torch.randn(1, rows, (heads + 2 * kv_heads) * dim, device=device, dtype=dtype, requires_grad=True)
         cos, sin = rope_tables(torch.arange(rows, device=device)[None], dim, 1e6, dtype)
         cases = {
             "rmsnorm": (lambda: rmsnorm.rms_norm(x, w, 1e-6), lambda: eager_rms_norm(x, w, 1e-6), x),
-            "swiglu": (lambda: swiglu.swiglu(g, u), lambda: eager_swiglu(g, u), g),
-            "rope": (lambda: rope.rope(q, cos, sin), lambda: eager_rope(q, cos, sin), q),
+            "swiglu": (lambda: swiglu.swiglu(gu), lambda: eager_swiglu(gu), gu),
+            "rope": (lambda: joined(rope.rope_qkv(qkv, cos, sin, heads, kv_heads)),
+                     lambda: joined(eager_rope_qkv(qkv, cos, sin, heads, kv_heads)), qkv),
         }
         for name, (ours, eager, leaf) in cases.items():
             want = eager().float()

@@ -218,15 +218,23 @@ def test_cuda_packed_flash_kernel_equals_the_padded_path():
         assert (got - want).abs().max().item() <= 0.02 * want.abs().max().item()
 
 
-def test_cuda_adapters_cast_once_changes_nothing(tiny_checkpoint):
-    """The step-long bf16 copies of A and B give bitwise the forward and adapter gradients of casting
-    in every pass, and are dropped on exit."""
-    from src.lora import adapters_cast_once, apply_lora, lora_modules, lora_parameters
+def cohort_with_adapters(tiny_checkpoint, **lora) -> torch.nn.Module:
+    """The tiny model in bf16 on the GPU with random (nonzero) adapters for a cohort of 2."""
+    from src.lora import apply_lora, lora_parameters
 
-    model = apply_lora(load_model(tiny_checkpoint(), dtype=torch.bfloat16, device="cuda"), seed=[0, 1])
+    model = apply_lora(load_model(tiny_checkpoint(), dtype=torch.bfloat16, device="cuda"), seed=[0, 1], **lora)
     with torch.no_grad():
         for p in lora_parameters(model):
             p.normal_(0, 0.1)
+    return model
+
+
+def test_cuda_adapters_cast_once_changes_nothing(tiny_checkpoint):
+    """The step-long bf16 copies of A and B give bitwise the forward and adapter gradients of casting
+    in every pass, and are dropped on exit."""
+    from src.lora import adapters_cast_once, lora_groups, lora_modules, lora_parameters
+
+    model = cohort_with_adapters(tiny_checkpoint)
     ids = torch.randint(0, 160, (1, 64), device="cuda")
     layout = Packed(torch.tensor([0, 20, 32, 52, 64], dtype=torch.int32, device="cuda"), 20)
     results = []
@@ -235,12 +243,42 @@ def test_cuda_adapters_cast_once_changes_nothing(tiny_checkpoint):
             p.grad = None
         if once:
             with adapters_cast_once(model, torch.bfloat16):
-                assert all(m.low is not None for m in lora_modules(model).values())
+                grouped = {id(m) for g in lora_groups(model) for m in g}
+                assert all(m.low is not None for m in lora_modules(model).values() if id(m) not in grouped)
+                assert all(g[0].group_low is not None for g in lora_groups(model))
                 out = model.hidden(ids, layout)
                 out.float().square().sum().backward()
         else:
             out = model.hidden(ids, layout)
             out.float().square().sum().backward()
         results.append([out.detach(), *(p.grad.clone() for p in lora_parameters(model))])
-    assert all(m.low is None for m in lora_modules(model).values())
+    assert all(m.low is None and m.group_low is None for m in lora_modules(model).values())
     assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+def test_cuda_grouped_lora_equals_layer_by_layer(tiny_checkpoint):
+    """q/k/v and gate/up as one GEMM with one grouped low-rank update (`_FastLoraGroup`, a cohort of 2,
+    scale 2) give the outputs and adapter gradients of the layers run one by one (the weights unfused),
+    up to bf16 rounding; inside and outside `adapters_cast_once`."""
+    from src.lora import adapters_cast_once, lora_groups, lora_parameters
+    from src.model import fused_weights
+
+    model = cohort_with_adapters(tiny_checkpoint, alpha=16)
+    ids = torch.randint(0, 160, (1, 128), device="cuda")
+    layout = Packed(torch.tensor([0, 20, 64, 84, 128], dtype=torch.int32, device="cuda"), 44)
+    results = []
+    for fused, once in ((True, True), (True, False), (False, False)):
+        if not fused:  # a copy of each weight: no longer one buffer, so each layer runs alone
+            for group in lora_groups(model):
+                for m in group:
+                    m.weight = torch.nn.Parameter(m.weight.detach().clone(), requires_grad=False)
+        assert all((fused_weights(g) is not None) == fused for g in lora_groups(model))
+        for p in lora_parameters(model):
+            p.grad = None
+        with adapters_cast_once(model, torch.bfloat16) if once else torch.enable_grad():
+            out = model.hidden(ids, layout)
+            (out.float() * torch.linspace(-1, 1, out.shape[-1], device="cuda")).sum().backward()
+        results.append([out.detach().float(), *(p.grad.clone() for p in lora_parameters(model))])
+    for got in results[:2]:
+        for a, b in zip(got, results[2]):
+            assert (a - b).abs().max().item() <= 0.02 * b.abs().max().item() + 1e-6

@@ -15,7 +15,7 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from kernels.rmsnorm import rms_norm  # noqa: E402
-from kernels.rope import rope  # noqa: E402
+from kernels.rope import rope_qkv  # noqa: E402
 from kernels.swiglu import swiglu  # noqa: E402
 from src.model import rope_tables  # noqa: E402
 
@@ -32,7 +32,15 @@ def eager_rope(x, cos, sin):
     return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
 
 
-def eager_swiglu(g, u):
+def eager_rope_qkv(qkv, cos, sin, heads, kv_heads):
+    """The fused projection's output split into q, k, v heads, q and k rotated."""
+    dim = cos.shape[-1]
+    q, k, v = qkv.unflatten(-1, (heads + 2 * kv_heads, dim)).split([heads, kv_heads, kv_heads], -2)
+    return eager_rope(q, cos, sin), eager_rope(k, cos, sin), v
+
+
+def eager_swiglu(gu):
+    g, u = gu.chunk(2, -1)
     return torch.nn.functional.silu(g) * u
 
 
@@ -60,19 +68,28 @@ def test_rms_norm(dtype, tol):
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-def test_rope(dtype, tol):
+@pytest.mark.parametrize("heads,kv_heads", [(3, 1), (4, 2), (14, 2)])
+def test_rope_qkv(dtype, tol, heads, kv_heads):
+    """q and k rotated, v copied, from one fused projection output; every output's gradient reaches it."""
     torch.manual_seed(1)
     positions = torch.randint(0, 500, (2, 5), device=DEVICE)
     cos, sin = rope_tables(positions, 16, 1e6, dtype)
-    x = torch.randn(2, 5, 3, 16, device=DEVICE).to(dtype)
-    compare(lambda x: rope(x, cos, sin), lambda x: eager_rope(x, cos, sin), [x], dtype, tol)
+    x = torch.randn(2, 5, (heads + 2 * kv_heads) * 16, device=DEVICE).to(dtype)
+
+    def joined(outputs):
+        return torch.cat([t.flatten(-2) for t in outputs], -1)
+
+    q, k, v = rope_qkv(x, cos, sin, heads, kv_heads)
+    assert q.shape == (2, 5, heads, 16) and k.shape == v.shape == (2, 5, kv_heads, 16)
+    compare(lambda x: joined(rope_qkv(x, cos, sin, heads, kv_heads)),
+            lambda x: joined(eager_rope_qkv(x, cos, sin, heads, kv_heads)), [x], dtype, tol)
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 def test_swiglu(dtype, tol):
     torch.manual_seed(2)
-    g, u = (torch.randn(3, 4, 130, device=DEVICE).to(dtype) * 4 for _ in range(2))
-    compare(swiglu, eager_swiglu, [g, u], dtype, tol)
+    gu = torch.randn(3, 4, 2 * 130, device=DEVICE).to(dtype) * 4
+    compare(swiglu, eager_swiglu, [gu], dtype, tol)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -144,6 +144,38 @@ def test_bf16_load_keeps_no_fp32_copy(tiny_checkpoint):
     assert not any(p.is_meta for p in model.parameters())
 
 
+def test_projections_share_one_buffer_and_stay_exact(tiny_checkpoint):
+    """After loading, and after a cast, each block's q/k/v and gate/up weights (and biases) are views of
+    one buffer (`project` runs each group as one GEMM), under their own names and with the checkpoint's
+    values; a layer whose weight was replaced makes its group run layer by layer, with the same logits."""
+    from safetensors.torch import load_file
+
+    from src.model import fused_weights
+
+    folder = tiny_checkpoint(tie_word_embeddings=False)
+    model = load_model(folder, dtype=torch.float32)
+
+    def groups():
+        return [[b.self_attn.q_proj, b.self_attn.k_proj, b.self_attn.v_proj] for b in model.model.layers] + \
+            [[b.mlp.gate_proj, b.mlp.up_proj] for b in model.model.layers]
+
+    assert all(fused_weights(g) is not None for g in groups())
+    saved = load_file(str(folder / "model.safetensors"))
+    assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in saved.items()}
+    assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
+    ids = torch.randint(0, 160, (2, 7))
+    with torch.no_grad():
+        want = model(ids)
+        model.to(torch.float64)
+        assert all(fused_weights(g) is not None for g in groups())
+        assert (model(ids).float() - want).abs().max().item() <= 1e-5
+        model.to(torch.float32)
+        q = model.model.layers[0].self_attn.q_proj
+        q.weight = torch.nn.Parameter(q.weight.detach().clone(), requires_grad=False)
+        assert fused_weights(groups()[0]) is None and fused_weights(groups()[1]) is not None
+        assert torch.equal(model(ids), want)
+
+
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "src.cli", *args], capture_output=True, text=True,
                           cwd=cwd or Path(__file__).parents[1], env={"HF_HUB_OFFLINE": "1", "PATH": ""})
