@@ -21,7 +21,8 @@ def peft_model(folder, dtype, seed, **config):
 
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     torch.manual_seed(seed)
-    lora = LoraConfig(r=8, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM", **config)
+    lora = LoraConfig(**{"r": 8, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": TARGETS,
+                         "task_type": "CAUSAL_LM"} | config)
     return get_peft_model(hf, lora).eval()
 
 
@@ -104,9 +105,12 @@ def test_peft_loads_our_adapter(tiny_checkpoint, tmp_path):
     assert (plain[valid] - expect[valid]).abs().max() > 1e-2  # the adapter matters
 
 
-def test_we_load_peft_adapter(tiny_checkpoint, tmp_path):
+@pytest.mark.parametrize("targets", [TARGETS, ["q_proj", "v_proj", "up_proj"]])
+def test_we_load_peft_adapter(tiny_checkpoint, tmp_path, targets):
+    """Also an adapter on some layers of a fused group (q and v, not k; up, not gate): those groups run
+    layer by layer."""
     folder = tiny_checkpoint(seed=3)
-    ref = peft_model(folder, torch.float32, seed=6, init_lora_weights=False)  # B random, not zero
+    ref = peft_model(folder, torch.float32, seed=6, init_lora_weights=False, target_modules=targets)  # B random
     ref.save_pretrained(tmp_path / "peft")
     ours = load_adapter(load_model(folder, dtype=torch.float32), tmp_path / "peft")
     ids, mask = random_batch()
