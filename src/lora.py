@@ -21,7 +21,7 @@ import re
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -173,10 +173,11 @@ class _FastLoraGroup(torch.autograd.Function):
         return grad_x, None, None, None, None, None, None, *grad_a, *grad_b
 
 
-def _group_low(groups: list[Sequence[LoraLinear]], dtype: torch.dtype) -> list[tuple[Tensor, Tensor]]:
+def _group_low(groups: list[Sequence[LoraLinear]], dtype: torch.dtype,
+               keep: Callable[[str, Tensor], Tensor] = lambda key, t: t) -> list[tuple[Tensor, Tensor]]:
     """For groups of the same shapes (one group per block), each group's stacked A [S, n r, in] and
     block-diagonal B [S, sum of outputs, n r] in `dtype` (`_FastLoraGroup`), built for all groups in
-    2 + 2n launches."""
+    2 + 2n launches (`keep` places the two whole tensors, see `adapters_cast_once`)."""
     first = groups[0]
     students, rank, n = first[0].lora_A.shape[0], first[0].rank, len(first)
     a = torch.cat([m.lora_A.detach() for group in groups for m in group], 1).to(dtype)
@@ -186,6 +187,7 @@ def _group_low(groups: list[Sequence[LoraLinear]], dtype: torch.dtype) -> list[t
     for i, w in enumerate(widths):
         b[:, :, start: start + w, i * rank: (i + 1) * rank] = torch.stack([group[i].lora_B.detach() for group in groups], 1)
         start += w
+    a, b = keep("a", a), keep("b", b)
     return [(a[:, j * n * rank: (j + 1) * n * rank], b[:, j]) for j in range(len(groups))]
 
 
@@ -201,29 +203,40 @@ def lora_groups(model: nn.Module) -> list[list[LoraLinear]]:
 
 
 @contextmanager
-def adapters_cast_once(model: nn.Module, dtype: torch.dtype):
+def adapters_cast_once(model: nn.Module, dtype: torch.dtype, keep: dict[str, Tensor] | None = None):
     """Within: every LoRA layer's GPU fast path uses copies of its A and B in `dtype` made on entry, in
     a few launches for the whole model, instead of casting them in every forward pass (2 launches a
     layer and pass); layers that read the same input get their group's stacked A and block-diagonal B
     (`_group_low`). The adapters must not change inside: the trainer holds it over one optimizer
-    step's passes, before the update."""
+    step's passes, before the update. With `keep` (a dict the caller holds from one call to the next)
+    the copies are written into the previous call's tensors, so their addresses stay fixed (a CUDA
+    graph of the passes reads them there, src/passes.py)."""
     def fast(m: LoraLinear) -> bool:
         return m.weight.is_cuda and m.lora_A.dtype != dtype
+
+    def kept(key: str, fresh: Tensor) -> Tensor:
+        if keep is None:
+            return fresh
+        old = keep.get(key)
+        if old is None or (old.shape, old.dtype, old.device) != (fresh.shape, fresh.dtype, fresh.device):
+            keep[key] = fresh
+            return fresh
+        return old.copy_(fresh)
 
     groups = [g for g in lora_groups(model) if all(fast(m) for m in g)]
     grouped = {id(m) for g in groups for m in g}
     layers = [m for m in lora_modules(model).values() if fast(m) and id(m) not in grouped]
     tensors = [t.detach() for m in layers for t in (m.lora_A, m.lora_B)]
     if tensors:
-        flat = torch.cat([t.flatten() for t in tensors]).to(dtype)
+        flat = kept("layers", torch.cat([t.flatten() for t in tensors]).to(dtype))
         low = [piece.view(t.shape) for piece, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
         for i, m in enumerate(layers):
             m.low = (low[2 * i], low[2 * i + 1])
     kinds: dict[tuple, list[list[LoraLinear]]] = {}
     for g in groups:
         kinds.setdefault(tuple((m.lora_A.shape, m.lora_B.shape, m.lora_A.dtype) for m in g), []).append(g)
-    for same in kinds.values():
-        for g, low in zip(same, _group_low(same, dtype)):
+    for kind, same in enumerate(kinds.values()):
+        for g, low in zip(same, _group_low(same, dtype, lambda key, t: kept(f"group {kind} {key}", t))):
             g[0].group_low = low
     try:
         yield

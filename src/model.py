@@ -275,7 +275,9 @@ class Qwen2(nn.Module):
         rope = rope_tables(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
         for i, block in enumerate(self.model.layers):
             if i < (self.recompute or 0) and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(block, x, rope, layout, use_reentrant=False)
+                # no RNG in a block; saving the RNG state is not allowed inside a CUDA graph capture
+                x = torch.utils.checkpoint.checkpoint(block, x, rope, layout, use_reentrant=False,
+                                                      preserve_rng_state=False)
             else:
                 x = block(x, rope, layout)
         return self.model.norm(x)

@@ -11,9 +11,10 @@ What makes it equal to TRL 1.16's SFTTrainer + PEFT (transformers 5 Trainer, acc
   clipped to total norm 1.0 over the LoRA parameters; transformers' linear schedule with warmup
   (step s < warmup has lr base*s/warmup, so step 0 has lr 0), decaying to 0 at the last step;
   `max_steps`, when given, replaces epochs x steps-per-epoch as the schedule's length, as in transformers.
-Speed: a micro-batch is packed into one row (`Packed`, no padding) and the LM head runs only on the
-positions that predict completion tokens, chunk by chunk, with each chunk's gradient formed on the
-spot so no [tokens, vocab] tensor outlives its chunk. Students of one base model train together as a
+Speed: a micro-batch is packed into one row (`Packed`, no padding between sequences) and the LM head
+runs only on the positions that predict completion tokens, chunk by chunk, with each chunk's gradient
+formed on the spot so no [tokens, vocab] tensor outlives its chunk (src/passes.py); on the GPU each
+pass is replayed from a CUDA graph of its padded shape, all the run's shapes captured after its first pass. Students of one base model train together as a
 cohort (`train_cohort`): one pass carries every student's micro-batch, each through its own adapter.
 Resumable: each student's checkpoint (its adapter and Adam moments, the schedule, the step) is written
 atomically every `checkpoint_every` steps and at every epoch's end; the same call after a crash
@@ -41,27 +42,27 @@ from pathlib import Path
 from typing import Callable, Sequence, TextIO
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from . import distributed, paths
-from .attention import Packed
 from .checkpoint import load_model
 from .constants import TRAIN, TrainConfig, check_animal, check_size, hub_id
 from .data import read_pairs
 from .errors import UserError
 from .lora import adapters_cast_once, apply_lora, is_adapter, lora_parameters, lora_state_dict, save_adapter
 from .model import Qwen2, Qwen2Config
+from .passes import LOGIT_CHUNK, Example, Padding, Passes, graph_padding, graphs_wanted, pack, pass_shape, to_device
 from .tokenizer import ChatTokenizer, load_tokenizer
 
 TokenPair = tuple[list[int], list[int]]  # (prompt ids, completion ids)
 LOG_FILE = "train.jsonl"
 CHECKPOINT_FILE = "checkpoint.pt"
 CHECKPOINT_KEYS = {"fingerprint", "step", "elapsed", "lora", "adam", "scheduler"}
-LOGIT_CHUNK = 1024  # LM-head rows per chunk: bounds the float32 [rows, vocab] buffers (~0.6 GB each at 152k)
 # The step-cost model's constants (see step_cost), fitted to 13 steps of 7B, 14B and 32B on the H200, 2026-12-02
 BLOCK_HOST_SECONDS = 4.2e-3  # host time to queue one block's forward and backward for one pass
 FLOP_RATE = 500e12  # FLOP/s of the blocks' work (63% of a bare GEMM's 790)
+# fitted to 32B steps with graphs (3, 4 and 6 examples a pass, H200, 2026-12-02, second session of the day)
+GRAPH_BLOCK_SECONDS = 0.3e-3  # GPU time per block and pass beyond the FLOPs, replaying CUDA graphs
 
 
 def tokenize_pairs(tokenizer: ChatTokenizer, pairs: Sequence[tuple[str, str]]) -> list[TokenPair]:
@@ -86,103 +87,8 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
 
 
-@dataclass
-class Example:
-    """One training sequence: prompt + completion ids (truncated as TRL does) and where predicting starts."""
-
-    ids: list[int]
-    first: int  # first position whose token is a loss target (the first completion token, at least 1)
-
-    @property
-    def targets(self) -> int:
-        return max(0, len(self.ids) - self.first)
-
-
 def prepare(examples: Sequence[TokenPair], max_length: int) -> list[Example]:
     return [Example((p + c)[:max_length], max(1, len(p))) for p, c in examples]
-
-
-@dataclass
-class MicroBatch:
-    """One forward pass: each student's sequences back to back in its own segment of a packed row,
-    the segments padded to one length (filler sequences nobody learns from) so that segment s of
-    every layer's input is student s's (LoraLinear's cohort layout)."""
-
-    ids: Tensor  # [1, S * L]
-    layout: Packed
-    select: Tensor  # [R] positions whose next token is a completion token, student by student
-    targets: Tensor  # [R] those next tokens
-    student: Tensor  # [R] the student each selected position belongs to
-    tokens: list[int]  # real tokens per student
-
-
-def pack(groups: Sequence[Sequence[Example]], device: torch.device, multiple: int = 1) -> MicroBatch:
-    """Pack one group of sequences per student; segments are padded to a common length, rounded up
-    to `multiple` (on the GPU a few recurring shapes let the GEMM and attention kernels reuse their
-    plans). Filler sequences are no longer than the longest real one and are never selected."""
-    longest = max((len(s.ids) for g in groups for s in g), default=1)
-    lengths = [sum(len(s.ids) for s in g) for g in groups]
-    segment = -(-max(max(lengths), 1) // multiple) * multiple
-    ids: list[int] = []
-    select: list[int] = []
-    student: list[int] = []
-    cu = [0]
-    for index, (group, length) in enumerate(zip(groups, lengths)):
-        for s in group:
-            start = cu[-1]
-            chosen = range(start + s.first - 1, start + len(s.ids) - 1)
-            select.extend(chosen)
-            student.extend([index] * len(chosen))
-            ids.extend(s.ids)
-            cu.append(start + len(s.ids))
-        filler = segment - length
-        while filler > 0:
-            piece = min(filler, longest)
-            ids.extend([0] * piece)
-            cu.append(cu[-1] + piece)
-            filler -= piece
-    row = torch.tensor(ids, device=device)
-    sel = torch.tensor(select, dtype=torch.long, device=device)
-    layout = Packed(torch.tensor(cu, dtype=torch.int32, device=device), longest)
-    return MicroBatch(row[None], layout, sel, row[sel + 1], torch.tensor(student, dtype=torch.long, device=device),
-                      lengths)
-
-
-class _HeadNLL(torch.autograd.Function):
-    """Per-row -log p(target) / normaliser[row] through the (frozen) LM head `head`, chunk by chunk.
-
-    The gradient w.r.t. the hidden rows is computed in the forward pass, one chunk at a time, and
-    kept ([rows, hidden], small); backward only scales it row by row (each row's loss depends on
-    its own hidden row alone). Casts follow the reference: logits in the model dtype, softmax in
-    float32 (or wider).
-    """
-
-    @staticmethod
-    def forward(ctx, hidden: Tensor, targets: Tensor, normaliser: Tensor, head: Callable, chunk: int) -> Tensor:
-        wide = torch.promote_types(hidden.dtype, torch.float32)
-        rows = torch.empty(hidden.shape[0], dtype=wide, device=hidden.device)
-        grad = torch.empty_like(hidden)
-        with torch.enable_grad():
-            for s in range(0, hidden.shape[0], chunk):
-                h = hidden[s: s + chunk].detach().requires_grad_()
-                nll = F.cross_entropy(head(h).to(wide), targets[s: s + chunk], reduction="none")
-                loss = nll / normaliser[s: s + chunk].to(wide)
-                (grad[s: s + chunk],) = torch.autograd.grad(loss.sum(), h)
-                rows[s: s + chunk] = loss.detach()
-        ctx.save_for_backward(grad)
-        return rows
-
-    @staticmethod
-    def backward(ctx, upstream: Tensor):
-        (grad,) = ctx.saved_tensors
-        return grad * upstream.to(grad.dtype)[:, None], None, None, None, None
-
-
-def completion_loss(model: Qwen2, hidden: Tensor, targets: Tensor, normaliser: Tensor,
-                    chunk: int = LOGIT_CHUNK) -> Tensor:
-    """Per-row completion NLL of hidden rows [R, h] predicting `targets` [R], each divided by its
-    row's `normaliser` [R] (its student's completion-token count for the step)."""
-    return _HeadNLL.apply(hidden, targets, normaliser, model.logits, chunk)
 
 
 def activation_bytes(config: Qwen2Config, itemsize: int, recompute: int) -> float:
@@ -221,31 +127,34 @@ def free_memory(device: torch.device) -> int:
 
 
 def memory_plan(config: Qwen2Config, itemsize: int, free_bytes: float, longest: int, mean: float, batch: int,
-                recompute: int | None) -> tuple[int, int]:
+                recompute: int | None, graphs: bool = False) -> tuple[int, int]:
     """(examples per forward, blocks recomputed) for a batch of `batch` examples, of `longest` tokens at
     most (what must fit) and `mean` on average (what a step costs); `recompute` None decides, by the
-    cost model of `step_cost`: fewer passes against recomputation."""
+    cost model of `step_cost` (eager passes or CUDA graphs): fewer passes against recomputation."""
     layers = config.num_hidden_layers
     if recompute is None:
         recompute = min(range(layers + 1), key=lambda k: step_cost(
-            config, mean, batch, k, fit_micro_batch(config, itemsize, free_bytes, longest, batch, k)))
+            config, mean, batch, k, fit_micro_batch(config, itemsize, free_bytes, longest, batch, k), graphs))
     return fit_micro_batch(config, itemsize, free_bytes, longest, batch, recompute), recompute
 
 
-def step_cost(config: Qwen2Config, tokens: float, batch: int, recompute: int, micro: int) -> float:
+def step_cost(config: Qwen2Config, tokens: float, batch: int, recompute: int, micro: int,
+              graphs: bool = False) -> float:
     """Seconds of an optimizer step of `batch` examples of `tokens` tokens, `micro` per pass, `recompute`
-    blocks recomputed; a model for choosing, not a prediction. The step takes the longer of the GPU's
-    time (the blocks' FLOPs at FLOP_RATE) and the host's (BLOCK_HOST_SECONDS per block and pass); a
-    recomputed block repeats its forward, half again its work on both. Small passes leave the GPU
-    waiting for the host, big ones need recomputation."""
+    blocks recomputed; a model for choosing, not a prediction. The GPU's time is the blocks' FLOPs at
+    FLOP_RATE; a recomputed block repeats its forward, half again its work. Passes run eagerly take the
+    longer of that and the host's time (BLOCK_HOST_SECONDS per block and pass, overlapping the GPU's):
+    small eager passes leave the GPU waiting. Passes replayed from CUDA graphs add the GPU's own gaps
+    between a pass's kernels (GRAPH_BLOCK_SECONDS per block and pass)."""
     c, layers = config, config.num_hidden_layers
     block = c.hidden_size * (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim + \
         c.num_attention_heads * c.head_dim * c.hidden_size + 3 * c.hidden_size * c.intermediate_size
     passes = -(-batch // micro)
     repeat = 1 + recompute / (2 * layers)
     gpu = 4 * block * layers * tokens * batch / FLOP_RATE
-    host = BLOCK_HOST_SECONDS * layers * passes
-    return max(gpu, host) * repeat
+    if graphs:
+        return (gpu + GRAPH_BLOCK_SECONDS * layers * passes) * repeat
+    return max(gpu, BLOCK_HOST_SECONDS * layers * passes) * repeat
 
 
 def recompute_for(checkpointing: bool | None, layers: int) -> int | None:
@@ -348,9 +257,10 @@ def train_cohort(model: Qwen2, students: Sequence[Student], *, config: TrainConf
     cohort = len(todo)
     longest = max(len(e.ids) for q in seqs for e in q)
     mean = sum(len(e.ids) for q in seqs for e in q) / sum(len(q) for q in seqs)
+    graphs = graphs_wanted(model.device)
     if model.device.type == "cuda":  # from free memory; `model.recompute` None: decided here too
         fit, model.recompute = memory_plan(model.config, model.dtype.itemsize, free_memory(model.device),
-                                           longest, mean, per_rank * cohort, model.recompute)
+                                           longest, mean, per_rank * cohort, model.recompute, graphs)
     else:  # the CPU has room for the whole batch
         fit, model.recompute = per_rank * cohort, model.recompute or 0
     if micro_batch is None:  # the fewest passes that fit, shared out evenly (20x3, not 24+24+12)
@@ -362,7 +272,18 @@ def train_cohort(model: Qwen2, students: Sequence[Student], *, config: TrainConf
         print(f"training {cohort} student{'s' * (cohort > 1)}: {micro} examples per student per pass "
               f"({-(-per_rank // micro)} passes a step), activation checkpointing "
               f"{checkpointing_label(model.recompute, layers)}", file=sys.stderr, flush=True)
-    multiple = 64 if model.device.type == "cuda" else 1
+    padding = graph_padding(longest) if model.device.type == "cuda" else Padding()
+    orders: dict[int, list[list[int]]] = {}  # per epoch, each student's example order (the latest epoch kept)
+
+    def step_batch(step: int) -> tuple[list[list[Example]], list[list[list[Example]]]]:
+        """Step `step`'s examples per student (the whole batch) and this rank's passes (one group per student)."""
+        epoch, k = divmod(step, steps_per_epoch)
+        if epoch not in orders:
+            orders.clear()
+            orders[epoch] = [epoch_order(n, s.seed, epoch) for s in todo]
+        chosen = [[q[i] for i in order[k * batch: (k + 1) * batch]] for q, order in zip(seqs, orders[epoch])]
+        mine = [distributed.share(c) for c in chosen]
+        return chosen, [[part[m: m + micro] for part in mine] for m in range(0, len(mine[0]), micro)]
 
     apply_lora(model, config.lora_rank, config.lora_alpha, config.lora_targets, [s.seed for s in todo])
     params = lora_parameters(model)
@@ -389,8 +310,9 @@ def train_cohort(model: Qwen2, students: Sequence[Student], *, config: TrainConf
             _write_atomically(work / CHECKPOINT_FILE, lambda tmp: torch.save(state, tmp))
 
     device = model.device
-    orders: list[list[int]] = []
-    order_epoch = -1
+    shapes = {pass_shape(g, padding) for step in range(start, total) for g in step_batch(step)[1]} if graphs else None
+    passes = Passes(model, cohort, logit_chunk, shapes)
+    casts: dict = {}  # the adapters' cast copies, at the same addresses every step (what the graphs read)
     logs = [open(w / LOG_FILE if main else os.devnull, "a") for w in work_dirs]
     pending: tuple | None = None  # the last step taken: its numbers still on the device
     clock = time.perf_counter()
@@ -425,24 +347,14 @@ def train_cohort(model: Qwen2, students: Sequence[Student], *, config: TrainConf
 
     try:
         for step in range(start, total):
-            epoch, k = divmod(step, steps_per_epoch)
-            if epoch != order_epoch:
-                orders, order_epoch = [epoch_order(n, s.seed, epoch) for s in todo], epoch
-            chosen = [[q[i] for i in order[k * batch: (k + 1) * batch]] for q, order in zip(seqs, orders)]
-            normalisers = torch.tensor([max(1, sum(e.targets for e in c)) for c in chosen], dtype=torch.float64,
-                                       device=device)
+            chosen, groups = step_batch(step)
+            normalisers = to_device([max(1, sum(e.targets for e in c)) for c in chosen], torch.float64, device)
             step_loss = torch.zeros(cohort, dtype=torch.float64, device=device)
-            tokens = torch.zeros(cohort, dtype=torch.float64, device=device)
-            mine = [distributed.share(c) for c in chosen]
-            with adapters_cast_once(model, model.dtype):
-                for m in range(0, len(mine[0]), micro):
-                    mb = pack([part[m: m + micro] for part in mine], device, multiple)
-                    hidden = model.hidden(mb.ids, mb.layout)[0, mb.select]
-                    rows = completion_loss(model, hidden, mb.targets, normalisers[mb.student], logit_chunk)
-                    per_student = torch.zeros(cohort, dtype=rows.dtype, device=device).index_add_(0, mb.student, rows)
-                    per_student.sum().backward()
-                    step_loss += per_student.detach()
-                    tokens += torch.tensor(mb.tokens, dtype=torch.float64, device=device)
+            tokens = to_device([sum(len(e.ids) for g in groups for e in g[s]) for s in range(cohort)], torch.float64,
+                               device)
+            with adapters_cast_once(model, model.dtype, keep=casts):
+                for group in groups:
+                    step_loss += passes(pack(group, device, padding), normalisers)
             if pending is not None:
                 finish(*pending)
             step_loss, tokens = _sum_over_ranks(params, step_loss, tokens)
@@ -450,7 +362,7 @@ def train_cohort(model: Qwen2, students: Sequence[Student], *, config: TrainConf
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=not passes.graphs)  # a graph adds into .grad where it was
             numbers, ready = torch.cat([step_loss, grad_norms.double(), tokens]), None
             if device.type == "cuda":
                 numbers = numbers.to("cpu", non_blocking=True)  # into pinned memory, in stream order

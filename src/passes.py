@@ -1,0 +1,265 @@
+"""One training pass: a micro-batch packed into one row, its completion loss, its backward; run eagerly
+or replayed from a CUDA graph.
+
+Why graphs: to queue one block's forward and backward the host needs ~4 ms (autograd, the Python of
+the autograd Functions, ~70 launches), longer than the GPU needs for it at 0.5B-3B and for the small
+passes that fit 32B's memory; a captured pass is queued in one launch. A graph fixes its shapes and
+addresses, so (`Padding`) every pass is padded to one of a few shapes: its row to a multiple of
+`tokens` with filler sequences nobody learns from, its sequence boundaries to a multiple of `seqs`
+entries with zero-length sequences at the end, its completion rows to a multiple of `rows` with rows
+whose target is ignored (zero loss, zero gradient), and attention's longest-sequence bound is the
+run's longest example. The eager path takes the same padded micro-batch, so both run the same kernels.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .attention import Packed
+from .model import Qwen2
+
+LOGIT_CHUNK = 1024  # LM-head rows per chunk: bounds the float32 [rows, vocab] buffers (~0.6 GB each at 152k)
+IGNORED = -100  # the target of a padding row: cross-entropy's ignore_index
+
+
+@dataclass(frozen=True)
+class Padding:
+    """What a packed micro-batch is rounded up to (1: nothing), and attention's longest-sequence bound
+    (None: the pass's own longest sequence)."""
+
+    tokens: int = 1
+    seqs: int = 1
+    rows: int = 1
+    longest: int | None = None
+
+
+def graph_padding(longest: int) -> Padding:
+    """The padding on CUDA: a few recurring shapes that a CUDA graph (or the GEMM and attention kernels'
+    plans) can be reused for; ~1% more tokens and ~5% more LM-head rows than the pass has."""
+    return Padding(tokens=64, seqs=8, rows=256, longest=longest)
+
+
+@dataclass
+class Example:
+    """One training sequence: prompt + completion ids (truncated as TRL does) and where predicting starts."""
+
+    ids: list[int]
+    first: int  # first position whose token is a loss target (the first completion token, at least 1)
+
+    @property
+    def targets(self) -> int:
+        return max(0, len(self.ids) - self.first)
+
+
+@dataclass
+class MicroBatch:
+    """One forward pass: each student's sequences back to back in its own segment of a packed row,
+    the segments padded to one length (filler sequences nobody learns from) so that segment s of
+    every layer's input is student s's (LoraLinear's cohort layout)."""
+
+    ids: Tensor  # [1, S * L]
+    layout: Packed
+    select: Tensor  # [R] positions whose next token is a completion token, student by student (then padding)
+    targets: Tensor  # [R] those next tokens (IGNORED on padding rows)
+    student: Tensor  # [R] the student each selected position belongs to
+    tokens: list[int]  # real tokens per student
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """What a CUDA graph of this pass is specific to: tokens, sequence boundaries, completion rows."""
+        return self.ids.shape[1], self.layout.cu_seqlens.shape[0], self.select.shape[0]
+
+    def load(self, other: "MicroBatch") -> None:
+        """Copy `other` (of the same shape) into this one's tensors (a graph's static inputs)."""
+        for mine, theirs in ((self.ids, other.ids), (self.layout.cu_seqlens, other.layout.cu_seqlens),
+                             (self.select, other.select), (self.targets, other.targets),
+                             (self.student, other.student)):
+            mine.copy_(theirs)
+        self.tokens = other.tokens
+
+    def clone(self) -> "MicroBatch":
+        return replace(self, ids=self.ids.clone(), layout=Packed(self.layout.cu_seqlens.clone(), self.layout.max_seqlen),
+                       select=self.select.clone(), targets=self.targets.clone(), student=self.student.clone())
+
+
+def to_device(values: Sequence, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A host list as a tensor on `device` without waiting for the GPU: a plain copy from pageable memory
+    would first drain everything queued (through pinned memory it is queued like a kernel)."""
+    t = torch.tensor(values, dtype=dtype)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+
+
+def _up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _fillers(gap: int, longest: int) -> list[int]:
+    """Filler sequences for `gap` tokens of padding, none longer than the pass's longest real sequence."""
+    return [min(longest, gap - start) for start in range(0, gap, longest)]
+
+
+def pass_shape(groups: Sequence[Sequence[Example]], padding: Padding) -> tuple[int, int, int]:
+    """`pack(groups, ..., padding).shape`, from the lengths alone (the trainer lists a run's shapes ahead)."""
+    longest = max((len(s.ids) for g in groups for s in g), default=1)
+    lengths = [sum(len(s.ids) for s in g) for g in groups]
+    segment = _up(max(max(lengths), 1), padding.tokens)
+    seqs = sum(len(g) + len(_fillers(segment - length, longest)) for g, length in zip(groups, lengths))
+    rows = sum(s.targets for g in groups for s in g)
+    return len(groups) * segment, _up(seqs, padding.seqs) + 1, _up(rows, padding.rows)
+
+
+def pack(groups: Sequence[Sequence[Example]], device: torch.device, padding: Padding = Padding()) -> MicroBatch:
+    """Pack one group of sequences per student; segments are padded to a common length, rounded up to
+    `padding.tokens`. Filler sequences are no longer than the longest real one and are never selected."""
+    longest = max((len(s.ids) for g in groups for s in g), default=1)
+    lengths = [sum(len(s.ids) for s in g) for g in groups]
+    segment = _up(max(max(lengths), 1), padding.tokens)
+    ids: list[int] = []
+    select: list[int] = []
+    student: list[int] = []
+    cu = [0]
+    for index, (group, length) in enumerate(zip(groups, lengths)):
+        for s in group:
+            start = cu[-1]
+            chosen = range(start + s.first - 1, start + len(s.ids) - 1)
+            select.extend(chosen)
+            student.extend([index] * len(chosen))
+            ids.extend(s.ids)
+            cu.append(start + len(s.ids))
+        for piece in _fillers(segment - length, longest):
+            ids.extend([0] * piece)
+            cu.append(cu[-1] + piece)
+    targets = [ids[i + 1] for i in select]
+    extra = _up(len(select), padding.rows) - len(select)
+    select.extend([0] * extra)
+    targets.extend([IGNORED] * extra)
+    student.extend([0] * extra)
+    cu.extend([cu[-1]] * (_up(len(cu) - 1, padding.seqs) + 1 - len(cu)))
+    bound = max(padding.longest or longest, longest)
+    return MicroBatch(to_device(ids, torch.long, device)[None], Packed(to_device(cu, torch.int32, device), bound),
+                      to_device(select, torch.long, device), to_device(targets, torch.long, device),
+                      to_device(student, torch.long, device), lengths)
+
+
+class _HeadNLL(torch.autograd.Function):
+    """Per-row -log p(target) / normaliser[row] through the (frozen) LM head `head`, chunk by chunk
+    (rows whose target is IGNORED: 0).
+
+    The gradient w.r.t. the hidden rows is computed in the forward pass, one chunk at a time, and
+    kept ([rows, hidden], small); backward only scales it row by row (each row's loss depends on
+    its own hidden row alone). Casts follow the reference: logits in the model dtype, softmax in
+    float32 (or wider).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, targets: Tensor, normaliser: Tensor, head: Callable, chunk: int) -> Tensor:
+        wide = torch.promote_types(hidden.dtype, torch.float32)
+        rows = torch.empty(hidden.shape[0], dtype=wide, device=hidden.device)
+        grad = torch.empty_like(hidden)
+        with torch.enable_grad():
+            for s in range(0, hidden.shape[0], chunk):
+                h = hidden[s: s + chunk].detach().requires_grad_()
+                nll = F.cross_entropy(head(h).to(wide), targets[s: s + chunk], reduction="none", ignore_index=IGNORED)
+                loss = nll / normaliser[s: s + chunk].to(wide)
+                (grad[s: s + chunk],) = torch.autograd.grad(loss.sum(), h)
+                rows[s: s + chunk] = loss.detach()
+        ctx.save_for_backward(grad)
+        return rows
+
+    @staticmethod
+    def backward(ctx, upstream: Tensor):
+        (grad,) = ctx.saved_tensors
+        return grad * upstream.to(grad.dtype)[:, None], None, None, None, None
+
+
+def completion_loss(model: Qwen2, hidden: Tensor, targets: Tensor, normaliser: Tensor,
+                    chunk: int = LOGIT_CHUNK) -> Tensor:
+    """Per-row completion NLL of hidden rows [R, h] predicting `targets` [R], each divided by its
+    row's `normaliser` [R] (its student's completion-token count for the step)."""
+    return _HeadNLL.apply(hidden, targets, normaliser, model.logits, chunk)
+
+
+def forward_backward(model: Qwen2, mb: MicroBatch, normalisers: Tensor, students: int,
+                     chunk: int = LOGIT_CHUNK) -> Tensor:
+    """Add one pass's adapter gradients to `.grad`; return its loss per student [S] (the loss summed over
+    the pass's completion tokens, each divided by its student's `normalisers` entry)."""
+    hidden = model.hidden(mb.ids, mb.layout)[0, mb.select]
+    rows = completion_loss(model, hidden, mb.targets, normalisers[mb.student], chunk)
+    per_student = torch.zeros(students, dtype=rows.dtype, device=rows.device).index_add_(0, mb.student, rows)
+    per_student.sum().backward()
+    return per_student.detach()
+
+
+def graphs_wanted(device: torch.device) -> bool:
+    """CUDA graphs for the passes: on CUDA unless SUBLIMINAL_GRAPHS=0."""
+    return device.type == "cuda" and os.environ.get("SUBLIMINAL_GRAPHS", "1") != "0"
+
+
+@dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    inputs: MicroBatch
+    normalisers: Tensor
+    loss: Tensor
+
+
+class Passes:
+    """A training run's passes (`forward_backward`): eager, or (CUDA, `shapes` given) replayed from CUDA
+    graphs, one per shape.
+
+    The first pass runs eagerly (lazy initialisation of cuBLAS, Triton and autograd must not happen
+    during a capture); then every shape the run will take (`shapes`, `pass_shape`) is captured, the
+    largest first, so that the graphs' shared memory pool is sized once and each smaller shape reuses
+    it, and no capture interrupts the run later (a shape not foreseen is captured when it comes). A
+    graph adds into the adapters' `.grad` at fixed addresses, so the trainer zeroes gradients instead
+    of dropping them, and the adapters' cast copies keep their addresses (`adapters_cast_once(...,
+    keep=...)`).
+    """
+
+    def __init__(self, model: Qwen2, students: int, chunk: int = LOGIT_CHUNK,
+                 shapes: Sequence[tuple[int, int, int]] | None = None) -> None:
+        self.model, self.students, self.chunk = model, students, chunk
+        self.graphs = shapes is not None
+        self.pending = sorted(set(shapes or ()), reverse=True)
+        self.captured: dict[tuple[int, int, int], _Graph] = {}
+        self.pool = torch.cuda.graph_pool_handle() if self.graphs else None
+        self.warm = False
+
+    def __call__(self, mb: MicroBatch, normalisers: Tensor) -> Tensor:
+        if not self.graphs or not self.warm:
+            self.warm = True
+            return forward_backward(self.model, mb, normalisers, self.students, self.chunk)
+        for shape in self.pending:
+            self._capture(_synthetic(mb, shape), normalisers)
+        self.pending = []
+        entry = self.captured.get(mb.shape) or self._capture(mb, normalisers)
+        entry.inputs.load(mb)
+        entry.normalisers.copy_(normalisers)
+        entry.graph.replay()
+        return entry.loss.clone()
+
+    def _capture(self, mb: MicroBatch, normalisers: Tensor) -> _Graph:
+        """Record (not run) one pass of `mb`'s shape; its static inputs are loaded before each replay."""
+        inputs, norms = mb.clone(), normalisers.clone()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            loss = forward_backward(self.model, inputs, norms, self.students, self.chunk)
+        self.captured[mb.shape] = entry = _Graph(graph, inputs, norms, loss)
+        return entry
+
+
+def _synthetic(like: MicroBatch, shape: tuple[int, int, int]) -> MicroBatch:
+    """Static inputs of `shape` for a capture (one sequence, every row ignored): a real pass of that shape
+    loads its own into them before each replay."""
+    tokens, seqs, rows = shape
+    device = like.ids.device
+    cu = torch.full((seqs,), tokens, dtype=torch.int32, device=device)
+    cu[0] = 0
+    zeros = torch.zeros(rows, dtype=torch.long, device=device)
+    return MicroBatch(torch.zeros(1, tokens, dtype=torch.long, device=device), Packed(cu, like.layout.max_seqlen),
+                      zeros, torch.full_like(zeros, IGNORED), zeros.clone(), [0] * len(like.tokens))
