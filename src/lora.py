@@ -111,7 +111,7 @@ class _FastLora(torch.autograd.Function):
         xa = torch.bmm(xs, a.transpose(1, 2))
         if scale != 1.0:
             xa = xa * scale
-        out = torch.baddbmm(out.view(students, -1, out.shape[-1]), xa, b.transpose(1, 2)).view(out.shape)
+        out = out.view(students, -1, out.shape[-1]).baddbmm_(xa, b.transpose(1, 2)).view(out.shape)  # in place: no copy of out
         ctx.save_for_backward(x, weight, a, b, xa)
         ctx.scale, ctx.adapter_dtype = scale, lora_a.dtype
         return out
@@ -147,7 +147,7 @@ class _FastLoraGroup(torch.autograd.Function):
         xa = torch.bmm(x.reshape(students, -1, width), a.transpose(1, 2))
         if scale != 1.0:
             xa = xa * scale
-        out = torch.baddbmm(out.view(students, -1, out.shape[-1]), xa, b.transpose(1, 2)).view(out.shape)
+        out = out.view(students, -1, out.shape[-1]).baddbmm_(xa, b.transpose(1, 2)).view(out.shape)  # in place: no copy of out
         ctx.save_for_backward(x, weight, a, b, xa)
         ctx.scale, ctx.widths, ctx.adapter_dtype = scale, widths, adapters[0].dtype
         return out

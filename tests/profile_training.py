@@ -4,10 +4,12 @@
     python -m tests.profile_training --size 0.5b --steps 6 --cohort 3  # three students in one pass
 
 A step whose kernel time is far below its wall time is launch-bound (CPU overhead); otherwise the
-table says which kernels to speed up. Same model, data and trainer as tests/bench_training.py.
+table says which kernels to speed up. The passes run eagerly (SUBLIMINAL_GRAPHS=0 unless set): the
+profiler cannot attribute a CUDA graph's kernels to the ops that queued them. Same model, data and trainer as tests/bench_training.py.
 """
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 
@@ -31,7 +33,12 @@ from tests.bench_training import shape, synthetic_pairs
 @click.option("--cohort", default=1, show_default=True, help="Students trained together.")
 @click.option("--rows", default=25, show_default=True)
 @click.option("--cpu-rows", default=0, show_default=True, help="Rows of a second table, by CPU time (0: none).")
-def main(size: str, steps: int, micro: int | None, checkpointing: bool, cohort: int, rows: int, cpu_rows: int) -> None:
+@click.option("--stacks-of", "stacks_of", multiple=True,
+              help="Ops (e.g. aten::copy_) to list again by the Python lines that called them (repeatable).")
+@click.option("--stack-depth", default=6, show_default=True)
+def main(size: str, steps: int, micro: int | None, checkpointing: bool, cohort: int, rows: int, cpu_rows: int,
+         stacks_of: tuple[str, ...], stack_depth: int) -> None:
+    os.environ.setdefault("SUBLIMINAL_GRAPHS", "0")  # per-op times: a replayed graph runs the same kernels unseen
     model = random_model(Qwen2Config.from_dict(shape(size)), dtype=torch.bfloat16, device="cuda")
     model.recompute = recompute_for(checkpointing, model.config.num_hidden_layers)
     pairs = synthetic_pairs(shape(size)["vocab_size"], TRAIN.batch_size * (steps + 2))
@@ -46,7 +53,8 @@ def main(size: str, steps: int, micro: int | None, checkpointing: bool, cohort: 
             prof.start()
 
     with tempfile.TemporaryDirectory() as tmp:
-        prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+        stacks = {"with_stack": True, "experimental_config": torch._C._profiler._ExperimentalConfig(verbose=True)}
+        prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], **(stacks if stacks_of else {}))
         students = [Student(pairs, Path(tmp) / f"a{i}", Path(tmp) / f"w{i}", i) for i in range(cohort)]
         train_cohort(model, students, max_steps=steps + 2, micro_batch=micro, checkpoint_every=10**9, on_step=on_step)
         prof.stop()
@@ -60,6 +68,13 @@ def main(size: str, steps: int, micro: int | None, checkpointing: bool, cohort: 
     click.echo(events.table(sort_by="self_device_time_total", row_limit=rows, max_name_column_width=60))
     if cpu_rows:
         click.echo(events.table(sort_by="self_cpu_time_total", row_limit=cpu_rows, max_name_column_width=60))
+    if stacks_of:
+        by_stack = sorted((e for e in prof.key_averages(group_by_stack_n=stack_depth) if e.key in stacks_of),
+                          key=lambda e: -e.device_time_total)
+        click.echo(f"{'op':<20} {'calls/step':>10} {'GPU ms/step':>11}  called from (innermost first)")
+        for e in by_stack[:rows]:
+            click.echo(f"{e.key:<20} {e.count / steps:>10.1f} {e.device_time_total / steps / 1e3:>11.2f}  "
+                       + " <- ".join(e.stack))
 
 
 if __name__ == "__main__":
