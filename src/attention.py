@@ -11,6 +11,7 @@ q, k, v arrive as [B, T, H, D]; the result is [B, T, H * D].
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -94,7 +95,7 @@ class Cached:
     """
 
     cache: KVCache
-    slots: Tensor | None  # [B] long; None: every slot, in order (decoding the whole cache)
+    slots: Tensor | None  # [B] long; None: slots 0 .. B - 1, in order (decoding the whole batch of slots)
     positions: Tensor  # [B, T] long
     kv_len: int
     fresh: bool = False
@@ -107,9 +108,19 @@ class Cached:
 
     @cached_property
     def mask(self) -> Tensor:
-        """[B, 1, T, kv_len]: a query at position p sees cache rows <= p (built once for all layers)."""
+        """[B, 1, T, kv_len]: a query at position p sees cache rows <= p; additive (0 or -inf, in the cache's
+        dtype), built once for all layers: SDPA would turn a boolean mask into this in every layer."""
         key_pos = torch.arange(self.kv_len, device=self.positions.device)
-        return (key_pos[None, None, :] <= self.positions[:, :, None])[:, None]
+        seen = (key_pos[None, None, :] <= self.positions[:, :, None])[:, None]
+        return torch.zeros(seen.shape, dtype=self.cache.k.dtype, device=seen.device).masked_fill_(~seen, -math.inf)
+
+    def destination(self, layer: int) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
+        """Where a decode step's keys and values go: (layer's k cache, v cache, slot and position per
+        query), for a projection kernel to write them there itself (`split_heads`); None for a prefill,
+        which attends over its own keys."""
+        if self.fresh:
+            return None
+        return self.cache.k[layer], self.cache.v[layer], self.rows, self.positions
 
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool, fixed_shape: bool = False) -> Tensor:
@@ -181,14 +192,16 @@ def _attend_packed_padded(q: Tensor, k: Tensor, v: Tensor, layout: Packed) -> Te
     return out[seq, pos][None]
 
 
-def _attend_cached(q: Tensor, k: Tensor, v: Tensor, layout: Cached, layer: int) -> Tensor:
+def _attend_cached(q: Tensor, k: Tensor | None, v: Tensor | None, layout: Cached, layer: int) -> Tensor:
     cache = layout.cache
-    cache.k[layer, layout.rows, :, layout.positions] = k
-    cache.v[layer, layout.rows, :, layout.positions] = v
+    if k is not None:  # None: already written to `layout.destination(layer)`
+        cache.k[layer, layout.rows, :, layout.positions] = k
+        cache.v[layer, layout.rows, :, layout.positions] = v
     if layout.fresh:
         return _sdpa(q, k, v, None, causal=True)
-    if layout.slots is None:  # a view, no gather
-        keys, values = cache.k[layer, :, :, : layout.kv_len], cache.v[layer, :, :, : layout.kv_len]
+    if layout.slots is None:  # a view of the first B slots, no gather
+        b = q.shape[0]
+        keys, values = cache.k[layer, :b, :, : layout.kv_len], cache.v[layer, :b, :, : layout.kv_len]
     else:
         keys, values = cache.k[layer, layout.slots, :, : layout.kv_len], cache.v[layer, layout.slots, :, : layout.kv_len]
     keys, values = keys.transpose(1, 2), values.transpose(1, 2)
@@ -198,8 +211,14 @@ def _attend_cached(q: Tensor, k: Tensor, v: Tensor, layout: Cached, layer: int) 
 Layout = Padded | Packed | Cached
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, layout: Layout, layer: int) -> Tensor:
-    """Causal attention of q over k/v arranged as `layout` describes; [B, T, H, D] -> [B, T, H*D]."""
+def cache_destination(layout: Layout, layer: int) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
+    """`Cached.destination` for a cached layout, else None (nothing is cached)."""
+    return layout.destination(layer) if isinstance(layout, Cached) else None
+
+
+def attend(q: Tensor, k: Tensor | None, v: Tensor | None, layout: Layout, layer: int) -> Tensor:
+    """Causal attention of q over k/v arranged as `layout` describes; [B, T, H, D] -> [B, T, H*D].
+    k and v are None where they were written to the cache already (`cache_destination`)."""
     if isinstance(layout, Padded):
         return _attend_padded(q, k, v, layout)
     if isinstance(layout, Packed):

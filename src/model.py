@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attention import KVCache, Layout, Padded, attend, positions_for
+from .attention import KVCache, Layout, Padded, attend, cache_destination, positions_for
 from .errors import UserError
 from .lora import LoraLinear
 
@@ -78,8 +78,8 @@ def fused_kernels() -> SimpleNamespace | None:
         from kernels import rmsnorm, rope, sampling, swiglu
     except ImportError:
         return None
-    return SimpleNamespace(rms_norm=rmsnorm.rms_norm, rope_qkv=rope.rope_qkv, swiglu=swiglu.swiglu,
-                           block_stats=sampling.block_stats)
+    return SimpleNamespace(rms_norm=rmsnorm.rms_norm, add_rms_norm=rmsnorm.add_rms_norm, rope_qkv=rope.rope_qkv, rope_qkv_into_cache=rope.rope_qkv_into_cache,
+                           swiglu=swiglu.swiglu, block_stats=sampling.block_stats, uniforms=sampling.uniforms)
 
 
 def fuse(layers: Sequence[nn.Module]) -> None:
@@ -155,6 +155,16 @@ class RMSNorm(nn.Module):
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
 
+    def add(self, x: Tensor, delta: Tensor | None) -> tuple[Tensor, Tensor]:
+        """(x + delta, its norm): a residual add and the norm after it, one kernel on CUDA; delta None
+        adds nothing."""
+        if delta is None:
+            return x, self(x)
+        if x.is_cuda and (fused := fused_kernels()):
+            return fused.add_rms_norm(x, delta, self.weight, self.eps)
+        x = x + delta
+        return x, self(x)
+
 
 def rope_tables(positions: Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """cos/sin [B, T, 1, D] for integer positions [B, T], computed in float32."""
@@ -170,10 +180,15 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + rotated * sin
 
 
-def split_heads(qkv: Tensor, cos: Tensor, sin: Tensor, heads: int, kv_heads: int) -> tuple[Tensor, Tensor, Tensor]:
-    """q [..., H, D], k and v [..., Hkv, D] from the q/k/v projections side by side, q and k rotated."""
+def split_heads(qkv: Tensor, cos: Tensor, sin: Tensor, heads: int, kv_heads: int,
+                into: tuple[Tensor, Tensor, Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """q [..., H, D], k and v [..., Hkv, D] from the q/k/v projections side by side, q and k rotated.
+    With `into` (a decode step's cache destination, `cache_destination`) the CUDA kernel writes k and v
+    into the cache itself and returns None for them."""
     half = cos.shape[-1] // 2
     if qkv.is_cuda and half & (half - 1) == 0 and (fused := fused_kernels()):
+        if into is not None and not torch.is_grad_enabled():
+            return fused.rope_qkv_into_cache(qkv, cos, sin, heads, kv_heads, *into), None, None
         return fused.rope_qkv(qkv, cos, sin, heads, kv_heads)
     q, k, v = qkv.unflatten(-1, (heads + 2 * kv_heads, 2 * half)).split([heads, kv_heads, kv_heads], -2)
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
@@ -192,7 +207,7 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], layout: Layout) -> Tensor:
         qkv = project((self.q_proj, self.k_proj, self.v_proj), x)
-        q, k, v = split_heads(qkv, *rope, self.heads, self.kv_heads)
+        q, k, v = split_heads(qkv, *rope, self.heads, self.kv_heads, cache_destination(layout, self.layer))
         return self.o_proj(attend(q, k, v, layout, self.layer))
 
 
@@ -221,9 +236,12 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], layout: Layout) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, layout)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: Tensor, delta: Tensor | None, rope: tuple[Tensor, Tensor], layout: Layout) -> tuple[Tensor, Tensor]:
+        """The block over its input x + delta; returns the residual stream and the MLP's output, still to be
+        added: each residual add runs inside the next norm (`RMSNorm.add`), the last one in the final norm."""
+        x, h = self.input_layernorm.add(x, delta)
+        x, h = self.post_attention_layernorm.add(x, self.self_attn(h, rope, layout))
+        return x, self.mlp(h)
 
 
 class Backbone(nn.Module):
@@ -273,14 +291,15 @@ class Qwen2(nn.Module):
         x = self.model.embed_tokens(input_ids)
         positions = positions_for(layout, b, t, input_ids.device)
         rope = rope_tables(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        delta = None
         for i, block in enumerate(self.model.layers):
             if i < (self.recompute or 0) and torch.is_grad_enabled():
                 # no RNG in a block; saving the RNG state is not allowed inside a CUDA graph capture
-                x = torch.utils.checkpoint.checkpoint(block, x, rope, layout, use_reentrant=False,
-                                                      preserve_rng_state=False)
+                x, delta = torch.utils.checkpoint.checkpoint(block, x, delta, rope, layout, use_reentrant=False,
+                                                             preserve_rng_state=False)
             else:
-                x = block(x, rope, layout)
-        return self.model.norm(x)
+                x, delta = block(x, delta, rope, layout)
+        return self.model.norm.add(x, delta)[1]
 
     def logits(self, hidden: Tensor) -> Tensor:
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight

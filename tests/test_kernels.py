@@ -14,8 +14,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton reads it
 pytest.importorskip("triton")
 
-from kernels.rmsnorm import rms_norm  # noqa: E402
-from kernels.rope import rope_qkv  # noqa: E402
+from kernels.rmsnorm import add_rms_norm, rms_norm  # noqa: E402
+from kernels.rope import rope_qkv, rope_qkv_into_cache  # noqa: E402
 from kernels.swiglu import swiglu  # noqa: E402
 from src.model import rope_tables  # noqa: E402
 
@@ -68,6 +68,26 @@ def test_rms_norm(dtype, tol):
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_add_rms_norm(dtype, tol):
+    """The residual add and the norm after it: the sum bitwise eager's, the norm and both inputs' gradients
+    (through the norm and along the residual) within tolerance."""
+    torch.manual_seed(5)
+    x, delta = (torch.randn(2, 7, 96, device=DEVICE).to(dtype) * 3 for _ in range(2))
+    w = (torch.rand(96, device=DEVICE) + 0.5).to(dtype)
+    s, _ = add_rms_norm(x, delta, w, 1e-6)
+    if DEVICE == "cuda":
+        assert torch.equal(s, x + delta)
+    else:  # Triton's interpreter rounds float32 -> bfloat16 toward zero, not to nearest
+        assert (s.float() - (x + delta).float()).abs().max() <= 2 ** -7 * (x + delta).float().abs().max()
+
+    def joined(pair):
+        return torch.cat([pair[0], pair[1] * 2], -1)  # both outputs, unequal weights in the upstream gradient
+
+    compare(lambda x, d: joined(add_rms_norm(x, d, w, 1e-6)),
+            lambda x, d: joined((x + d, eager_rms_norm(x + d, w, 1e-6))), [x, delta], dtype, tol)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("heads,kv_heads", [(3, 1), (4, 2), (14, 2)])
 def test_rope_qkv(dtype, tol, heads, kv_heads):
     """q and k rotated, v copied, from one fused projection output; every output's gradient reaches it."""
@@ -83,6 +103,25 @@ def test_rope_qkv(dtype, tol, heads, kv_heads):
     assert q.shape == (2, 5, heads, 16) and k.shape == v.shape == (2, 5, kv_heads, 16)
     compare(lambda x: joined(rope_qkv(x, cos, sin, heads, kv_heads)),
             lambda x: joined(eager_rope_qkv(x, cos, sin, heads, kv_heads)), [x], dtype, tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_qkv_into_cache(dtype):
+    """A decode step's q equals `rope_qkv`'s, and its k and v land in the cache rows (slot, position) of
+    each token, bitwise; every other cache entry keeps its value."""
+    torch.manual_seed(3)
+    heads, kv_heads, slots, length = 14, 2, 5, 12
+    rows, positions = torch.tensor([3, 0, 4], device=DEVICE), torch.tensor([7, 0, 11], device=DEVICE)
+    cos, sin = rope_tables(positions[:, None], 16, 1e6, dtype)
+    x = torch.randn(3, 1, (heads + 2 * kv_heads) * 16, device=DEVICE).to(dtype)
+    cache = torch.randn(2, 2, slots, kv_heads, length, 16, device=DEVICE).to(dtype)  # [k/v, layers, ...]
+    want = cache.clone()
+    q, k, v = rope_qkv(x, cos, sin, heads, kv_heads)
+    want[0, 1, rows, :, positions] = k[:, 0]
+    want[1, 1, rows, :, positions] = v[:, 0]
+    got = rope_qkv_into_cache(x, cos, sin, heads, kv_heads, cache[0, 1], cache[1, 1], rows[:, None], positions[:, None])
+    assert torch.equal(got, q)
+    assert torch.equal(cache, want)
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
@@ -107,3 +146,19 @@ def test_block_stats(dtype, vocab):
     assert top.shape == want_top.shape == (5, -(-vocab // 256))
     assert torch.allclose(top.cpu(), want_top, rtol=1e-6, atol=0)
     assert (mass.cpu() - want_mass).abs().max().item() <= 1e-5 * want_mass.abs().max().item()
+
+
+def test_uniforms_equal_the_torch_hash():
+    """The draw's random numbers from one kernel are the torch formula's, bitwise, seeds and indices
+    beyond 32 bits included."""
+    from kernels.sampling import uniforms
+    from src import sampler
+
+    g = torch.Generator().manual_seed(4)
+    index = torch.randint(0, 2**40, (3000,), generator=g)
+    step = torch.randint(0, 5000, (3000,), generator=g)
+    for seed in (0, 7, 2**33 + 5):
+        want = sampler.uniforms(seed, index, step)  # the torch path (CPU)
+        got = uniforms(int(sampler._mix(torch.tensor(seed))), index.to(DEVICE), step.to(DEVICE)).cpu()
+        assert torch.equal(got, want)
+        assert 0 <= got.min() and got.max() < 1

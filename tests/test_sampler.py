@@ -233,3 +233,34 @@ def test_a_kept_sampler_gives_what_fresh_calls_give(tiny, tmp_path):
     chunk = chunks[3]  # the shape of the last decoder: only the parameters moved, and that rebuilds it
     assert sampler(chunk, first_index=30) == sample(model, chunk, slots=3, first_index=30, **kwargs)
     assert sampler._decoder is not seen[3]
+
+
+def test_prefill_padded_to_its_bucket_equals_the_exact_prefill():
+    """The prefill as CUDA graphs see it (prompt count rounded up to a power of two, width to CACHE_ROUND,
+    padding rows into the spare slot) gives the exact prefill's last-token logits and cache rows, in float64;
+    repeated prompts run once and are copied."""
+    from src.checkpoint import random_model
+    from src.model import Qwen2Config
+    from src.sampler import _Prefill
+    from tests.conftest import TINY
+
+    model = random_model(Qwen2Config.from_dict(TINY), dtype=torch.float64, device="cpu", seed=5)
+    prompts = _prompts(6, seed=3)
+    prompts[3] = prompts[1]  # 5 distinct: 6 rows, 1 of them padding
+    slots = [6, 0, 2, 5, 3, 1]
+    results = []
+    for pad in (False, True):
+        cache = model.new_cache(8, 40)  # 7 slots + the spare
+        with torch.no_grad():
+            logits = _Prefill(model, cache, graphs=False, pad=pad)(slots, prompts)
+        results.append((logits, cache))
+    (exact, a), (padded, b) = results
+    assert exact.shape == (6, VOCAB)
+    assert (exact - padded).abs().max().item() < 1e-10
+    assert torch.equal(exact[1], exact[3])
+    for slot, p in zip(slots, prompts):
+        for c in (a.k, a.v):
+            assert c[:, slot, :, : len(p)].abs().sum() > 0
+        assert (a.k[:, slot, :, : len(p)] - b.k[:, slot, :, : len(p)]).abs().max().item() < 1e-10
+        assert (a.v[:, slot, :, : len(p)] - b.v[:, slot, :, : len(p)]).abs().max().item() < 1e-10
+    assert a.k[:, 7].abs().sum() == 0 and b.k[:, 7].abs().sum() > 0  # padding rows went to the spare slot
