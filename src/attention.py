@@ -6,7 +6,8 @@ Layouts say how the tokens of a call are arranged, so the model code never branc
   (training without padding waste; a varlen flash kernel on CUDA in bf16/fp16: flash-attn's when
   installed, else the one bundled with PyTorch);
 - `Cached`: queries attend over a preallocated KV cache after writing their own keys/values
-  (prefill of new prompts into cache slots, and decoding one token per slot).
+  (prefill of new prompts into cache slots, and decoding one token per slot; when decoding on CUDA
+  the q/k/v projection's RoPE kernel writes them, see `cache_destination`).
 q, k, v arrive as [B, T, H, D]; the result is [B, T, H * D].
 """
 from __future__ import annotations
