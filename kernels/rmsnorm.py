@@ -35,12 +35,12 @@ def _forward(x_ptr, delta_ptr, sum_ptr, w_ptr, y_ptr, rstd_ptr, width, eps, BLOC
 
 
 @triton.jit
-def _backward(dy_ptr, ds_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, width, BLOCK: tl.constexpr, ADD: tl.constexpr):
+def _backward(dy_ptr, dy_row, ds_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, width, BLOCK: tl.constexpr, ADD: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < width
     x = tl.load(x_ptr + row * width + cols, mask=mask, other=0.0).to(tl.float32)
-    dy = tl.load(dy_ptr + row * width + cols, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(dy_ptr + row * dy_row + cols, mask=mask, other=0.0).to(tl.float32)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     rstd = tl.load(rstd_ptr + row)
     x_hat = x * rstd
@@ -65,10 +65,11 @@ def _launch_forward(x: Tensor, delta: Tensor | None, weight: Tensor, eps: float)
 
 
 def _launch_backward(dy: Tensor, ds: Tensor | None, s: Tensor, weight: Tensor, rstd: Tensor) -> Tensor:
+    """dx of rows s [rows, width]; dy's rows may lie further apart than `width` (`_row_view`)."""
     dx = torch.empty_like(s)
     block = triton.next_power_of_2(s.shape[1])
     if s.shape[0]:
-        _backward[(s.shape[0],)](dy, dy if ds is None else ds, s, weight, rstd, dx, s.shape[1], BLOCK=block,
+        _backward[(s.shape[0],)](dy, dy.stride(0), dy if ds is None else ds, s, weight, rstd, dx, s.shape[1], BLOCK=block,
                                  ADD=ds is not None, num_warps=_warps(block))
     return dx
 
@@ -79,6 +80,13 @@ def _warps(block: int) -> int:
 
 def _rows(t: Tensor, width: int) -> Tensor:
     return t.reshape(-1, width).contiguous()
+
+
+def _row_view(t: Tensor, width: int) -> Tensor:
+    """t as rows [rows, width] without a copy where its rows are contiguous but spaced further apart (an
+    upstream gradient that is a view of a wider one, as LoRA's wide GEMM returns, src/lora.py)."""
+    rows = t.reshape(-1, width)
+    return rows if rows.stride(1) == 1 else rows.contiguous()
 
 
 class _RMSNorm(torch.autograd.Function):
@@ -92,7 +100,7 @@ class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: Tensor):
         s, weight, rstd = ctx.saved_tensors
-        return _launch_backward(_rows(dy, s.shape[1]), None, s, weight, rstd).view(ctx.shape), None, None
+        return _launch_backward(_row_view(dy, s.shape[1]), None, s, weight, rstd).view(ctx.shape), None, None
 
 
 class _AddRMSNorm(torch.autograd.Function):
@@ -111,7 +119,7 @@ class _AddRMSNorm(torch.autograd.Function):
         if dy is None:
             dx = _rows(ds, width)
         else:
-            dx = _launch_backward(_rows(dy, width), None if ds is None else _rows(ds, width), s, weight, rstd)
+            dx = _launch_backward(_row_view(dy, width), None if ds is None else _rows(ds, width), s, weight, rstd)
         dx = dx.view(ctx.shape)
         return dx, dx, None, None
 

@@ -68,18 +68,40 @@ class LoraLinear(nn.Module):
         delta = torch.bmm(torch.bmm(xs, self.lora_A.transpose(1, 2)), self.lora_B.transpose(1, 2)) * self.scale
         return (out + delta.view(out.shape)).to(out.dtype)
 
+    def tail(self) -> Tensor | None:
+        """The extra columns after this layer's base weight in its group's buffer (`fuse`), where the
+        group's B factors go (`extra_columns`); None where the weight has none."""
+        w = self.weight
+        extra = w.stride(0) - w.shape[1]
+        if w.dim() != 2 or w.stride(1) != 1 or extra <= 0:
+            return None
+        return w.as_strided((w.shape[0], extra), (w.stride(0), 1), w.storage_offset() + w.shape[1])
+
+    @staticmethod
+    def extra_columns(layers: Sequence[nn.Module]) -> int:
+        """How many columns a group's fused weight buffer keeps after the base weights: S n r (students x
+        layers x rank) for LoRA layers of one kind whose outputs together are at least `WIDE` times their
+        input (gate/up), so that [x | x A^T] @ [W | B]^T gives base output and update in one GEMM (K grows
+        by S n r) instead of adding the update onto the whole output afterwards; 0 otherwise (q/k/v: the
+        copy of x into the wider input costs about what it saves)."""
+        if not all(isinstance(m, LoraLinear) for m in layers) or len(_kinds(layers)) != 1:
+            return 0
+        first = layers[0]
+        outputs = sum(m.weight.shape[0] for m in layers)
+        return first.lora_A.shape[0] * len(layers) * first.rank if outputs >= WIDE * first.weight.shape[1] else 0
+
     @staticmethod
     def grouped(layers: Sequence["LoraLinear"], x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | None:
         """LoRA layers that read the same input, on their base weights fused into one (`weight` [sum of
-        outputs, in], `bias`): the outputs side by side, through one GEMM for the bases and one low-rank
-        update (`_FastLoraGroup`). None where the GPU fast path does not apply (CPU or float32, where each
-        layer computes PEFT's float32 update) or the adapters differ in count, rank or scale."""
+        outputs, in + extra columns], `bias`): the outputs side by side, through one GEMM for the bases and
+        one low-rank update (`_FastLoraGroup`). None where the GPU fast path does not apply (CPU or float32,
+        where each layer computes PEFT's float32 update) or the adapters differ in count, rank or scale."""
         first = layers[0]
-        if not (x.is_cuda and x.dtype != first.lora_A.dtype):
-            return None
-        if len({(m.lora_A.shape[0], m.rank, m.scale, m.lora_A.dtype) for m in layers}) != 1:
+        if not (x.is_cuda and x.dtype != first.lora_A.dtype) or len(_kinds(layers)) != 1:
             return None
         a, b = first.group_low or _group_low([layers], x.dtype)[0]
+        if b is not None:
+            weight = weight[:, :x.shape[-1]]
         widths = tuple(m.lora_B.shape[1] for m in layers)
         return _FastLoraGroup.apply(x, weight, bias, a, b, first.scale, widths,
                                     *[m.lora_A for m in layers], *[m.lora_B for m in layers])
@@ -90,6 +112,19 @@ class LoraLinear(nn.Module):
             linear = nn.Linear(self.weight.shape[1], self.weight.shape[0], bias=self.bias is not None)
         linear.weight, linear.bias = self.weight, self.bias
         return linear
+
+
+WIDE = 2  # a group's outputs over its input from which its B factors sit in its weight buffer (`extra_columns`)
+
+
+def _kinds(layers: Sequence[nn.Module]) -> set[tuple]:
+    return {(m.lora_A.shape[0], m.rank, m.scale, m.lora_A.dtype) for m in layers}
+
+
+def _wide(layers: Sequence[LoraLinear]) -> bool:
+    """Whether the group's B factors live in its weight buffer's extra columns (`extra_columns`)."""
+    tail = layers[0].tail()
+    return tail is not None and tail.shape[1] == LoraLinear.extra_columns(layers)
 
 
 class _FastLora(torch.autograd.Function):
@@ -125,8 +160,9 @@ class _FastLora(torch.autograd.Function):
         if ctx.scale != 1.0:
             gb = gb * ctx.scale
         grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = torch.matmul(grad, weight).view(students, -1, x.shape[-1]).baddbmm_(gb, a).view(x.shape)
+        if ctx.needs_input_grad[0]:  # the update first, then the base GEMM adds onto it in its epilogue: where the
+            # input is wide (down_proj) this saves a pass over grad_x (bitwise the same as adding the update after)
+            grad_x = torch.bmm(gb, a).view(-1, x.shape[-1]).addmm_(grad.reshape(-1, grad.shape[-1]), weight).view(x.shape)
         # bf16 products written straight out in the adapter dtype (float32 accumulation either way)
         grad_a = torch.bmm(gb.transpose(1, 2), x.reshape(students, -1, x.shape[-1]), out_dtype=ctx.adapter_dtype)
         grad_b = torch.bmm(g.transpose(1, 2), xa, out_dtype=ctx.adapter_dtype)
@@ -134,20 +170,35 @@ class _FastLora(torch.autograd.Function):
 
 
 class _FastLoraGroup(torch.autograd.Function):
-    """`_FastLora` for n LoRA layers that read the same input (q/k/v, gate/up) over their fused base weight:
-    one base GEMM, one x @ A^T for all n adapters (A stacked: `a` [S, n r, in]) and one update GEMM
-    (B block-diagonal: `b` [S, sum of outputs, n r]), so 3 GEMMs forward instead of 3n and one
-    autograd node. `adapters` (the layers' lora_A, then lora_B) are inputs only to receive gradients."""
+    """`_FastLora` for n LoRA layers that read the same input (q/k/v, gate/up) over their fused base weight,
+    one autograd node: one x @ A^T for all n adapters (A stacked: `a` [S, n r, in]), and the update either
+    (`b` given) one more GEMM through a block-diagonal B (`b` [S, sum of outputs, n r]) added onto the base
+    output, or (`b` None) inside the base GEMM itself: `weight` then carries each student's block-diagonal
+    B in S n r extra columns (`LoraLinear.extra_columns`), the input gets x A^T of each row's own student
+    in the matching ones (zeros elsewhere), and in backward the same wide weight gives the input gradient
+    and the gradient through B in one GEMM. `adapters` (the layers' lora_A, then lora_B) are inputs only to
+    receive gradients."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, a: Tensor, b: Tensor, scale: float,
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, a: Tensor, b: Tensor | None, scale: float,
                 widths: tuple[int, ...], *adapters: Tensor) -> Tensor:
-        students, width = a.shape[0], x.shape[-1]
-        out = F.linear(x, weight, bias)
-        xa = torch.bmm(x.reshape(students, -1, width), a.transpose(1, 2))
+        students, low, width = a.shape[0], a.shape[1], x.shape[-1]
+        rows = x.reshape(students, -1, width)
+        xa = torch.bmm(rows, a.transpose(1, 2))
         if scale != 1.0:
             xa = xa * scale
-        out = out.view(students, -1, out.shape[-1]).baddbmm_(xa, b.transpose(1, 2)).view(out.shape)  # in place: no copy of out
+        if b is None:
+            wide = x.new_empty(*x.shape[:-1], weight.shape[1])
+            wide[..., :width].copy_(x)
+            tail = wide[..., width:]
+            if students > 1:
+                tail.zero_()
+            tail.view(students, -1, students, low).diagonal(0, 0, 2).copy_(xa.permute(1, 2, 0))
+            out = F.linear(wide, weight, bias)
+            x = wide[..., :width]
+        else:
+            out = F.linear(x, weight, bias)
+            out = out.view(students, -1, out.shape[-1]).baddbmm_(xa, b.transpose(1, 2)).view(out.shape)  # in place: no copy of out
         ctx.save_for_backward(x, weight, a, b, xa)
         ctx.scale, ctx.widths, ctx.adapter_dtype = scale, widths, adapters[0].dtype
         return out
@@ -155,15 +206,22 @@ class _FastLoraGroup(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         x, weight, a, b, xa = ctx.saved_tensors
-        students, rank = a.shape[0], a.shape[1] // len(ctx.widths)
+        students, low, width = a.shape[0], a.shape[1], x.shape[-1]
+        rank = low // len(ctx.widths)
         g = grad.reshape(students, -1, grad.shape[-1])
-        gb = torch.bmm(g, b)  # [S, L, n r]: each adapter's upstream gradient through its own B
+        if b is None:
+            full = torch.matmul(grad, weight)  # [..., in + S n r]: input gradient, then the gradient through each B
+            gb = full[..., width:].reshape(students, -1, students, low).diagonal(0, 0, 2).permute(2, 0, 1)
+            base = full[..., :width]
+        else:
+            gb = torch.bmm(g, b)  # [S, L, n r]: each adapter's upstream gradient through its own B
+            base = torch.matmul(grad, weight) if ctx.needs_input_grad[0] else None
         if ctx.scale != 1.0:
             gb = gb * ctx.scale
-        xs = x.reshape(students, -1, x.shape[-1])
+        xs = x.reshape(students, -1, width)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.matmul(grad, weight).view(xs.shape).baddbmm_(gb, a).view(x.shape)
+            grad_x = base.reshape(xs.shape).baddbmm_(gb, a).view(x.shape)
         grad_a = torch.bmm(gb.transpose(1, 2), xs, out_dtype=ctx.adapter_dtype).split(rank, 1)
         grad_b, start = [], 0
         for i, w in enumerate(ctx.widths):
@@ -174,21 +232,30 @@ class _FastLoraGroup(torch.autograd.Function):
 
 
 def _group_low(groups: list[Sequence[LoraLinear]], dtype: torch.dtype,
-               keep: Callable[[str, Tensor], Tensor] = lambda key, t: t) -> list[tuple[Tensor, Tensor]]:
-    """For groups of the same shapes (one group per block), each group's stacked A [S, n r, in] and
-    block-diagonal B [S, sum of outputs, n r] in `dtype` (`_FastLoraGroup`), built for all groups in
-    2 + 2n launches (`keep` places the two whole tensors, see `adapters_cast_once`)."""
+               keep: Callable[[str, Tensor], Tensor] = lambda key, t: t) -> list[tuple[Tensor, Tensor | None]]:
+    """For groups of the same shapes (one group per block), each group's stacked A [S, n r, in] in `dtype`
+    and its block-diagonal B [S, sum of outputs, n r] (`_FastLoraGroup`), built for all groups in 2 + 2n
+    launches (`keep` places the whole tensors, see `adapters_cast_once`); where the groups keep B in their
+    weight buffers (`_wide`), B is written there instead (one copy a layer) and returned as None."""
     first = groups[0]
     students, rank, n = first[0].lora_A.shape[0], first[0].rank, len(first)
-    a = torch.cat([m.lora_A.detach() for group in groups for m in group], 1).to(dtype)
+    a = keep("a", torch.cat([m.lora_A.detach() for group in groups for m in group], 1).to(dtype))
+    a = [a[:, j * n * rank: (j + 1) * n * rank] for j in range(len(groups))]
+    if _wide(first):
+        with torch.no_grad():
+            for group in groups:
+                for i, m in enumerate(group):  # student s, layer i: columns (s n + i) r ... of the tail
+                    tail = m.tail().view(m.weight.shape[0], students, n * rank)[..., i * rank: (i + 1) * rank]
+                    tail.copy_(m.lora_B.detach().transpose(0, 1))
+        return [(a_j, None) for a_j in a]
     widths = [m.lora_B.shape[1] for m in first]
-    b = torch.zeros(students, len(groups), sum(widths), n * rank, dtype=dtype, device=a.device)
+    b = torch.zeros(students, len(groups), sum(widths), n * rank, dtype=dtype, device=a[0].device)
     start = 0
     for i, w in enumerate(widths):
         b[:, :, start: start + w, i * rank: (i + 1) * rank] = torch.stack([group[i].lora_B.detach() for group in groups], 1)
         start += w
-    a, b = keep("a", a), keep("b", b)
-    return [(a[:, j * n * rank: (j + 1) * n * rank], b[:, j]) for j in range(len(groups))]
+    b = keep("b", b)
+    return [(a_j, b[:, j]) for j, a_j in enumerate(a)]
 
 
 def lora_groups(model: nn.Module) -> list[list[LoraLinear]]:
@@ -262,10 +329,19 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, leaf, module)
 
 
+def _refit_buffers(model: nn.Module) -> None:
+    """Give the model's fused weight buffers the extra columns its adapters now ask for (`extra_columns`;
+    a model without fused projections has none)."""
+    refit = getattr(model, "fuse_projections", None)
+    if refit is not None:
+        refit()
+
+
 def remove_lora(model: nn.Module) -> nn.Module:
     """Drop every adapter, restoring the plain base layers (e.g. to evaluate the base model again)."""
     for name, module in lora_modules(model).items():
         _replace(model, name, module.to_linear())
+    _refit_buffers(model)
     return model
 
 
@@ -305,6 +381,7 @@ def apply_lora(model: nn.Module, rank: int = TRAIN.lora_rank, alpha: float = TRA
             with torch.no_grad():
                 layer.lora_A[student].copy_(a.to(base.weight.dtype))  # through the base dtype, as PEFT moves it
         _replace(model, name, layer)
+    _refit_buffers(model)
     return model
 
 

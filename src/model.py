@@ -3,9 +3,10 @@
 RMSNorm, rotary embeddings, grouped-query attention with q/k/v biases, SwiGLU MLP, tied or
 untied LM head. Module names equal transformers' so checkpoints and PEFT adapters map 1:1
 (`model.layers.3.self_attn.q_proj.weight`). The q/k/v and gate/up weights of a block are views
-of one buffer each (`fuse`), so each group runs as one GEMM (`project`) and one LoRA update. The
-arrangement of tokens (padded, packed, cached) is an `attention` layout passed through; the math
-here does not change with it.
+of one buffer each (`fuse`), so each group runs as one GEMM (`project`) and one LoRA update (with
+adapters, gate/up's buffer also holds their B factors in extra columns: the update runs inside that
+GEMM, src/lora.py). The arrangement of tokens (padded, packed, cached) is an `attention` layout passed
+through; the math here does not change with it.
 """
 from __future__ import annotations
 
@@ -82,47 +83,55 @@ def fused_kernels() -> SimpleNamespace | None:
                            swiglu=swiglu.swiglu, block_stats=sampling.block_stats, uniforms=sampling.uniforms)
 
 
-def fuse(layers: Sequence[nn.Module]) -> None:
+def fuse(layers: Sequence[nn.Module], extra: int = 0) -> None:
     """Move the weights (and biases) of linear layers that read the same input into one buffer, each
     layer's parameter a view of its rows, so that `project` runs them as one GEMM. Values are kept,
-    names too (`q_proj.weight` stays a parameter of its own for checkpoints and PEFT)."""
+    names too (`q_proj.weight` stays a parameter of its own for checkpoints and PEFT). `extra` zero
+    columns after the weights' own: where LoRA keeps its B factors, so that one GEMM over the wider rows
+    computes base output and low-rank update together (`LoraLinear.extra_columns`)."""
     for name in ("weight", "bias"):
         params = [getattr(layer, name) for layer in layers]
         if any(p is None for p in params):
             continue
         with torch.no_grad():
             buffer = torch.cat([p.detach() for p in params])
+            if name == "weight" and extra:
+                buffer = torch.cat([buffer, buffer.new_zeros(buffer.shape[0], extra)], 1)
         start = 0
         for layer, p in zip(layers, params):
-            setattr(layer, name, nn.Parameter(buffer[start: start + p.shape[0]], requires_grad=p.requires_grad))
+            view = buffer[start: start + p.shape[0]]
+            setattr(layer, name, nn.Parameter(view[:, :p.shape[1]] if p.dim() == 2 else view, requires_grad=p.requires_grad))
             start += p.shape[0]
 
 
-def _back_to_back(tensors: Sequence[Tensor]) -> bool:
-    """Whether the tensors lie one after another in one storage, as `fuse` leaves them."""
-    first, rows = tensors[0], 0
-    storage = first.untyped_storage().data_ptr()
+def _buffer_row(tensors: Sequence[Tensor]) -> int | None:
+    """The length of a row of the buffer the tensors lie in one after another, as `fuse` leaves them (a
+    weight's columns plus any extra ones; 1 for biases), or None where they do not."""
+    first = tensors[0]
+    storage, row = first.untyped_storage().data_ptr(), first.stride(0)
+    offset = first.storage_offset()
     for t in tensors:
-        if (not t.is_contiguous() or t.untyped_storage().data_ptr() != storage
-                or t.storage_offset() != first.storage_offset() + rows * first[0].numel()):
-            return False
-        rows += t.shape[0]
-    return True
+        if (t.untyped_storage().data_ptr() != storage or t.stride() != first.stride() or t.stride(-1) != 1
+                or t.storage_offset() != offset or (t.dim() == 2 and row < t.shape[1])):
+            return None
+        offset += t.shape[0] * row
+    return row
 
 
 def fused_weights(layers: Sequence[nn.Module]) -> tuple[Tensor, Tensor | None] | None:
-    """(weight [sum of outputs, in], bias or None) of `layers` as one GEMM's operands, views of the buffer
-    `fuse` put them in; None where they are not (moved since), or are trainable (a view across them
-    would not pass gradients back to each)."""
+    """(weight [sum of outputs, in + extra columns], bias or None) of `layers` as one GEMM's operands, views
+    of the buffer `fuse` put them in; None where they are not (moved since), or are trainable (a view
+    across them would not pass gradients back to each)."""
     operands = []
     for tensors in ([layer.weight for layer in layers], [layer.bias for layer in layers]):
         if all(t is None for t in tensors):
             operands.append(None)
             continue
-        if any(t is None or t.requires_grad for t in tensors) or not _back_to_back(tensors):
+        if any(t is None or t.requires_grad for t in tensors) or (row := _buffer_row(tensors)) is None:
             return None
         rows = sum(t.shape[0] for t in tensors)
-        operands.append(tensors[0].as_strided((rows, *tensors[0].shape[1:]), tensors[0].stride()))
+        shape, stride = ((rows, row), (row, 1)) if tensors[0].dim() == 2 else ((rows,), (1,))
+        operands.append(tensors[0].as_strided(shape, stride))
     return operands[0], operands[1]
 
 
@@ -132,10 +141,11 @@ def project(layers: Sequence[nn.Module], x: Tensor) -> Tensor:
     layer by layer, then joined, where the weights are not fused or the layers are of mixed kinds."""
     fused = fused_weights(layers)
     if fused is not None:
+        weight, bias = fused
         if all(type(layer) is nn.Linear for layer in layers):
-            return F.linear(x, *fused)
+            return F.linear(x, weight[:, :x.shape[-1]], bias)
         if all(isinstance(layer, LoraLinear) for layer in layers):
-            out = LoraLinear.grouped(layers, x, *fused)
+            out = LoraLinear.grouped(layers, x, weight, bias)
             if out is not None:
                 return out
     return torch.cat([layer(x) for layer in layers], -1)
@@ -270,13 +280,16 @@ class Qwen2(nn.Module):
 
     def fuse_projections(self) -> None:
         """Give each group of projections that read the same input (`shared_input`: q/k/v, gate/up) one
-        weight buffer (`fuse`), where it has none: after construction, loading, or a move (`_apply`)."""
+        weight buffer (`fuse`), with the extra columns its LoRA adapters ask for, where it has none: after
+        construction, loading, a move (`_apply`), or adding or removing adapters (`apply_lora`)."""
         for module in self.modules():
             for names in getattr(module, "shared_input", ()):
                 layers = [getattr(module, n) for n in names]
-                params = [[getattr(layer, name) for layer in layers] for name in ("weight", "bias")]
-                if any(group[0] is not None and not _back_to_back(group) for group in params):
-                    fuse(layers)
+                extra = LoraLinear.extra_columns(layers)
+                weights, biases = ([getattr(layer, name) for layer in layers] for name in ("weight", "bias"))
+                if (_buffer_row(weights) != weights[0].shape[1] + extra
+                        or (biases[0] is not None and _buffer_row(biases) != 1)):
+                    fuse(layers, extra)
 
     def _apply(self, fn, recurse: bool = True):
         """A move or cast (`.to`, `.cuda`, ...) converts each parameter on its own; fuse them again."""

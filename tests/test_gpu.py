@@ -262,40 +262,60 @@ def test_cuda_adapters_cast_once_changes_nothing(tiny_checkpoint):
             for p in lora_parameters(model):
                 p.mul_(scale)
         with adapters_cast_once(model, torch.bfloat16, keep=keep):
-            lows = [t for g in lora_groups(model) for t in g[0].group_low]
+            lows = [t for g in lora_groups(model) for t in g[0].group_low if t is not None]
             lows += [t for m in lora_modules(model).values() if m.low is not None for t in m.low]
             addresses.append([t.data_ptr() for t in lows])
             first = lora_groups(model)[0][0]
             assert torch.equal(first.group_low[0][:, :first.rank], first.lora_A.detach().bfloat16())
+            wide = [g for g in lora_groups(model) if g[0].tail() is not None]
+            assert wide and all(g[0].group_low[1] is None for g in wide)
+            for g in wide:  # this call's B in each layer's own block of its rows, zeros in the other layers' blocks
+                for i, m in enumerate(g):
+                    blocks = m.tail().view(m.weight.shape[0], 2, len(g), m.rank)
+                    assert torch.equal(blocks[:, :, i], m.lora_B.detach().transpose(0, 1).bfloat16())
+                    assert not blocks[:, :, [j for j in range(len(g)) if j != i]].any()
     assert addresses[0] == addresses[1] and len(keep) >= 3
 
 
-def test_cuda_grouped_lora_equals_layer_by_layer(tiny_checkpoint):
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 0.015), (torch.bfloat16, 0.06)])
+def test_cuda_grouped_lora_close_to_float32(tiny_checkpoint, dtype, tol):
     """q/k/v and gate/up as one GEMM with one grouped low-rank update (`_FastLoraGroup`, a cohort of 2,
-    scale 2) give the outputs and adapter gradients of the layers run one by one (the weights unfused),
-    up to bf16 rounding; inside and outside `adapters_cast_once`."""
-    from src.lora import adapters_cast_once, lora_groups, lora_parameters
+    scale 2; q/k/v's update added after the base GEMM, gate/up's inside it), inside and outside
+    `adapters_cast_once`, and the layers run one by one (the weights unfused) give the outputs and adapter
+    gradients of the float32 model (PEFT's arithmetic) up to rounding in `dtype`. Observed on an H200: at
+    most 0.3% (grouped) and 0.7% (one by one) in float16, 3.8% and 2.3% in bf16 (this tiny random model
+    amplifies rounding; float16, with 3 more mantissa bits, is where a wrong block would stand out)."""
+    from src.lora import _wide, adapters_cast_once, apply_lora, lora_groups, lora_parameters
     from src.model import fused_weights
 
-    model = cohort_with_adapters(tiny_checkpoint, alpha=16)
+    folder = tiny_checkpoint()
+    model = apply_lora(load_model(folder, dtype=dtype, device="cuda"), seed=[0, 1], alpha=16)
+    exact = apply_lora(load_model(folder, dtype=torch.float32, device="cuda"), seed=[0, 1], alpha=16)
+    with torch.no_grad():
+        for p, q in zip(lora_parameters(model), lora_parameters(exact)):
+            q.copy_(p.normal_(0, 0.1))
     ids = torch.randint(0, 160, (1, 128), device="cuda")
     layout = Packed(torch.tensor([0, 20, 64, 84, 128], dtype=torch.int32, device="cuda"), 44)
-    results = []
+
+    def run(m, context) -> list[torch.Tensor]:
+        for p in lora_parameters(m):
+            p.grad = None
+        with context:
+            out = m.hidden(ids, layout)
+            (out.float() * torch.linspace(-1, 1, out.shape[-1], device="cuda")).sum().backward()
+        return [out.detach().float(), *(p.grad.clone() for p in lora_parameters(m))]
+
+    want = run(exact, torch.enable_grad())
     for fused, once in ((True, True), (True, False), (False, False)):
         if not fused:  # a copy of each weight: no longer one buffer, so each layer runs alone
             for group in lora_groups(model):
                 for m in group:
                     m.weight = torch.nn.Parameter(m.weight.detach().clone(), requires_grad=False)
         assert all((fused_weights(g) is not None) == fused for g in lora_groups(model))
-        for p in lora_parameters(model):
-            p.grad = None
-        with adapters_cast_once(model, torch.bfloat16) if once else torch.enable_grad():
-            out = model.hidden(ids, layout)
-            (out.float() * torch.linspace(-1, 1, out.shape[-1], device="cuda")).sum().backward()
-        results.append([out.detach().float(), *(p.grad.clone() for p in lora_parameters(model))])
-    for got in results[:2]:
-        for a, b in zip(got, results[2]):
-            assert (a - b).abs().max().item() <= 0.02 * b.abs().max().item() + 1e-6
+        assert any(_wide(g) for g in lora_groups(model)) == fused  # gate/up: B inside the base GEMM
+        got = run(model, adapters_cast_once(model, dtype) if once else torch.enable_grad())
+        for a, b in zip(got, want):
+            assert (a - b).abs().max().item() <= tol * b.abs().max().item()
 
 
 @pytest.mark.parametrize("recompute", [0, 1])

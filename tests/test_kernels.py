@@ -87,6 +87,22 @@ def test_add_rms_norm(dtype, tol):
             lambda x, d: joined((x + d, eager_rms_norm(x + d, w, 1e-6))), [x, delta], dtype, tol)
 
 
+def test_norm_backward_reads_a_gradient_with_spaced_rows():
+    """An upstream gradient whose rows lie further apart (a view of a wider one, as LoRA's wide GEMM returns
+    it, src/lora.py) is read where it lies and gives the gradients of its contiguous copy, bitwise."""
+    torch.manual_seed(6)
+    x, delta = (torch.randn(2, 7, 96, device=DEVICE) for _ in range(2))
+    w = torch.rand(96, device=DEVICE) + 0.5
+    dy = torch.randn(2, 7, 96 + 16, device=DEVICE)[..., :96]
+    assert not dy.is_contiguous()
+    for norm in (lambda x, d: rms_norm(x + d, w, 1e-6), lambda x, d: add_rms_norm(x, d, w, 1e-6)[1]):
+        grads = []
+        for upstream in (dy, dy.contiguous()):
+            inputs = [x.clone().requires_grad_(), delta.clone().requires_grad_()]
+            grads.append(torch.autograd.grad(norm(*inputs), inputs, upstream))
+        assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("heads,kv_heads", [(3, 1), (4, 2), (14, 2)])
 def test_rope_qkv(dtype, tol, heads, kv_heads):

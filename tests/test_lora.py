@@ -145,3 +145,40 @@ def test_load_adapter_rejects_bad_folders(tiny_checkpoint, tmp_path):
     (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(UserError, match="missing"):
         load_adapter(load_model(other, dtype=torch.float32), tmp_path / "a")
+
+
+def test_adapters_widen_the_gate_up_buffer(tiny_checkpoint):
+    """With adapters (a cohort of 2, rank 8) the gate/up weights share a buffer with 2 x 2 x 8 zero columns
+    after them, where the GPU path keeps B (`LoraLinear.extra_columns`); q/k/v, whose outputs are not twice
+    their input, get none. Base weights keep their values and the model its outputs, also after a cast;
+    removing the adapters takes the columns away again."""
+    from safetensors.torch import load_file
+
+    from src.model import fused_weights
+
+    folder = tiny_checkpoint()
+    model = load_model(folder, dtype=torch.float32)
+    ids = torch.randint(0, 160, (2, 7))
+    with torch.no_grad():
+        want = model(ids)
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    hidden = attn.q_proj.weight.shape[1]
+
+    def columns(group):
+        return fused_weights(group)[0].shape[1]
+
+    apply_lora(model, seed=[0, 1])  # B zero: the same outputs
+    qkv, gate_up = [attn.q_proj, attn.k_proj, attn.v_proj], [mlp.gate_proj, mlp.up_proj]
+    assert columns(gate_up) == hidden + 2 * 2 * 8 and columns(qkv) == hidden
+    assert mlp.up_proj.tail().shape == (mlp.up_proj.weight.shape[0], 32) and attn.q_proj.tail() is None
+    assert not fused_weights(gate_up)[0][:, hidden:].any()
+    with torch.no_grad():
+        assert torch.equal(model(ids), want)
+        model.to(torch.float64)
+        assert columns(gate_up) == hidden + 32
+        assert (model(ids).float() - want).abs().max().item() <= 1e-5
+        model.to(torch.float32)
+    remove_lora(model)
+    assert columns([mlp.gate_proj, mlp.up_proj]) == hidden and isinstance(mlp.up_proj, torch.nn.Linear)
+    saved = load_file(str(folder / "model.safetensors"))
+    assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
