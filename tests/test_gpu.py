@@ -198,6 +198,26 @@ def test_cuda_kept_sampler_replays_its_graph_across_calls(tiny_checkpoint):
     assert sampler._decoder is not first
 
 
+def test_cuda_sampling_with_an_adapter_replays_the_eager_decode(tiny_checkpoint):
+    """A bf16 model with an adapter (gate/up's B inside its GEMM, written into the weight buffer on the fly
+    outside training) samples from its captured decode graph the tokens of the eager decode, and the adapter
+    changes them."""
+    from src.lora import _wide, apply_lora, lora_groups, lora_parameters
+
+    model = load_model(tiny_checkpoint(seed=5), dtype=torch.bfloat16, device="cuda")
+    prompts = torch.randint(0, 160, (6, 7), generator=torch.Generator().manual_seed(1)).tolist()
+    kwargs = dict(max_new_tokens=10, temperature=0, slots=4)
+    plain = sample(model, prompts, **kwargs)
+    apply_lora(model, seed=0)
+    with torch.no_grad():
+        for p in lora_parameters(model):
+            p.normal_(0, 0.5)
+    assert any(_wide(g) for g in lora_groups(model))
+    graphed = sample(model, prompts, cuda_graph=True, **kwargs)
+    assert graphed == sample(model, prompts, cuda_graph=False, **kwargs)
+    assert graphed != plain
+
+
 def test_cuda_packed_flash_kernel_equals_the_padded_path():
     """Packed bf16 attention through the bundled varlen flash kernel gives the outputs and q/k/v
     gradients of the scatter-pad-attend-gather path, up to bf16 rounding (grouped KV heads, 3 sequences)."""
