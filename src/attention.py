@@ -3,8 +3,9 @@
 Layouts say how the tokens of a call are arranged, so the model code never branches on them:
 - `Padded`: a right-padded batch [B, T] with a key mask (training, evaluation);
 - `Packed`: variable-length sequences concatenated into one row [1, N] with `cu_seqlens`
-  (training without padding waste; a varlen flash kernel on CUDA in bf16/fp16: flash-attn's when
-  installed, else the one bundled with PyTorch);
+  (training without padding waste; on CUDA in bf16/fp16 our Triton varlen kernel, kernels/attention.py,
+  ~2x the flash-attention 2 kernel at these lengths; SUBLIMINAL_VARLEN=flash takes flash-attn's kernel
+  where installed, else the one bundled with PyTorch);
 - `Cached`: queries attend over a preallocated KV cache after writing their own keys/values
   (prefill of new prompts into cache slots, and decoding one token per slot; when decoding on CUDA
   the q/k/v projection's RoPE kernel writes them, see `cache_destination`).
@@ -13,6 +14,7 @@ q, k, v arrive as [B, T, H, D]; the result is [B, T, H * D].
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -20,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from .fused import fused_kernels
 
 try:  # optional fast path
     from flash_attn import flash_attn_varlen_func
@@ -169,7 +173,10 @@ def _attend_packed(q: Tensor, k: Tensor, v: Tensor, layout: Packed) -> Tensor:
         cu, m = layout.cu_seqlens, layout.max_seqlen
         # views, not q[0]: a select's backward would allocate and copy a zero-filled gradient per tensor
         q, k, v = (x.view(x.shape[1:]) for x in (q, k, v))
-        if flash_attn_varlen_func is not None:
+        kernels = fused_kernels()
+        if kernels is not None and os.environ.get("SUBLIMINAL_VARLEN", "triton") != "flash":
+            out = kernels.varlen_attention(q, k, v, cu, m)
+        elif flash_attn_varlen_func is not None:
             out = flash_attn_varlen_func(q, k, v, cu, cu, m, m, causal=True)
         else:
             out = _FlashVarlen.apply(q, k, v, cu, m)

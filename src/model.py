@@ -10,13 +10,10 @@ through; the math here does not change with it.
 """
 from __future__ import annotations
 
-import functools
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +21,7 @@ from torch import Tensor, nn
 
 from .attention import KVCache, Layout, Padded, attend, cache_destination, positions_for
 from .errors import UserError
+from .fused import fused_kernels
 from .lora import LoraLinear
 
 
@@ -66,21 +64,6 @@ class Qwen2Config:
         except (OSError, json.JSONDecodeError) as exc:
             raise UserError(f"cannot read model config {path}: {exc}") from None
         return cls.from_dict(raw)
-
-
-@functools.cache
-def fused_kernels() -> SimpleNamespace | None:
-    """The Triton kernels of kernels/ (RMSNorm, RoPE, SwiGLU, the sampler's block statistics) for CUDA
-    tensors, or None where Triton or the kernels/ package (importable from the project root) is
-    missing, or SUBLIMINAL_KERNELS=0."""
-    if os.environ.get("SUBLIMINAL_KERNELS", "1") == "0":
-        return None
-    try:
-        from kernels import rmsnorm, rope, sampling, swiglu
-    except ImportError:
-        return None
-    return SimpleNamespace(rms_norm=rmsnorm.rms_norm, add_rms_norm=rmsnorm.add_rms_norm, rope_qkv=rope.rope_qkv, rope_qkv_into_cache=rope.rope_qkv_into_cache,
-                           swiglu=swiglu.swiglu, block_stats=sampling.block_stats, uniforms=sampling.uniforms)
 
 
 def fuse(layers: Sequence[nn.Module], extra: int = 0) -> None:

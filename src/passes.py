@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .attention import Packed
+from .fused import fused_kernels
 from .model import Qwen2
 
 LOGIT_CHUNK = 1024  # LM-head rows per chunk: bounds the float32 [rows, vocab] buffers (~0.6 GB each at 152k)
@@ -153,7 +154,8 @@ class _HeadNLL(torch.autograd.Function):
     The gradient w.r.t. the hidden rows is computed in the forward pass, one chunk at a time, and
     kept ([rows, hidden], small); backward only scales it row by row (each row's loss depends on
     its own hidden row alone). Casts follow the reference: logits in the model dtype, softmax in
-    float32 (or wider).
+    float32 (or wider); on CUDA in bf16/fp16 one kernel computes both and writes the logits' gradient
+    over them (kernels/cross_entropy.py).
     """
 
     @staticmethod
@@ -161,13 +163,18 @@ class _HeadNLL(torch.autograd.Function):
         wide = torch.promote_types(hidden.dtype, torch.float32)
         rows = torch.empty(hidden.shape[0], dtype=wide, device=hidden.device)
         grad = torch.empty_like(hidden)
+        fused = fused_kernels() if hidden.is_cuda and hidden.dtype in (torch.bfloat16, torch.float16) else None
         with torch.enable_grad():
             for s in range(0, hidden.shape[0], chunk):
                 h = hidden[s: s + chunk].detach().requires_grad_()
-                nll = F.cross_entropy(head(h).to(wide), targets[s: s + chunk], reduction="none", ignore_index=IGNORED)
-                loss = nll / normaliser[s: s + chunk].to(wide)
-                (grad[s: s + chunk],) = torch.autograd.grad(loss.sum(), h)
-                rows[s: s + chunk] = loss.detach()
+                logits, part, norm = head(h), targets[s: s + chunk], normaliser[s: s + chunk].to(wide)
+                if fused is not None:
+                    rows[s: s + chunk] = fused.nll_grad_(logits.detach(), part, norm, IGNORED)
+                    (grad[s: s + chunk],) = torch.autograd.grad(logits, h, logits.detach())
+                else:
+                    loss = F.cross_entropy(logits.to(wide), part, reduction="none", ignore_index=IGNORED) / norm
+                    (grad[s: s + chunk],) = torch.autograd.grad(loss.sum(), h)
+                    rows[s: s + chunk] = loss.detach()
         ctx.save_for_backward(grad)
         return rows
 

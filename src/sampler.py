@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .attention import Cached, KVCache
-from .model import Qwen2, fused_kernels
+from .fused import fused_kernels
+from .model import Qwen2
 
 _MASK32 = 0xFFFFFFFF
 DRAW_BLOCK = 1024  # vocabulary columns per block of the two-stage draw (152k -> 149 blocks)

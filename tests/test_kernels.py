@@ -14,6 +14,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton reads it
 pytest.importorskip("triton")
 
+from kernels.attention import varlen_attention  # noqa: E402
+from kernels.cross_entropy import nll_grad_  # noqa: E402
 from kernels.rmsnorm import add_rms_norm, rms_norm  # noqa: E402
 from kernels.rope import rope_qkv, rope_qkv_into_cache  # noqa: E402
 from kernels.swiglu import swiglu  # noqa: E402
@@ -178,3 +180,58 @@ def test_uniforms_equal_the_torch_hash():
         got = uniforms(int(sampler._mix(torch.tensor(seed))), index.to(DEVICE), step.to(DEVICE)).cpu()
         assert torch.equal(got, want)
         assert 0 <= got.min() and got.max() < 1
+
+
+def per_sequence_attention(q, k, v, cu):
+    """Causal attention of each packed sequence on its own (SDPA), the reference of the varlen kernel."""
+    out = torch.zeros_like(q)
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        if b > a:
+            out[a:b] = torch.nn.functional.scaled_dot_product_attention(
+                *(x[a:b].transpose(0, 1) for x in (q, k, v)), is_causal=True, enable_gqa=True).transpose(0, 1)
+    return out
+
+
+ON_GPU = pytest.mark.skipif(DEVICE != "cuda", reason="Triton's interpreter multiplies bf16 tiles in tl.dot as raw bits")
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), pytest.param(torch.bfloat16, 1e-2, marks=ON_GPU)])
+@pytest.mark.parametrize("heads,kv_heads,dim", [(4, 2, 32), (3, 3, 8), (4, 1, 24)])
+def test_varlen_attention(dtype, tol, heads, kv_heads, dim):
+    """Packed sequences (one over two key blocks, one of a single token, zero-length ones between and at the
+    end as the graphed passes add them) against each sequence attended alone in float64: outputs and the
+    q, k, v gradients (dK and dV summed over the query heads sharing a KV head); head dimensions below 16
+    and not powers of two run padded."""
+    torch.manual_seed(7)
+    lens = [5, 70, 0, 130, 1, 33, 0, 0]
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+    q, k, v = (torch.randn(int(cu[-1]), h, dim, device=DEVICE).to(dtype) for h in (heads, kv_heads, kv_heads))
+    upstream = torch.randn(int(cu[-1]), heads, dim, device=DEVICE)
+    results = []
+    for attend, kind in ((lambda q, k, v: varlen_attention(q, k, v, cu, 140), dtype),
+                         (lambda q, k, v: per_sequence_attention(q, k, v, cu), torch.float64)):
+        inputs = [x.detach().to(kind).requires_grad_() for x in (q, k, v)]
+        out = attend(*inputs)
+        results.append([out, *torch.autograd.grad((out.double() * upstream.double()).sum(), inputs)])
+    for got, want in zip(*results):
+        assert (got.double() - want).abs().max().item() <= tol * want.abs().max().item()
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("vocab", [300, 9000])
+def test_nll_grad(dtype, tol, vocab):
+    """Per-row loss (cross-entropy / normaliser) and the logits' gradient written over them, against
+    F.cross_entropy's in float64, over vocabularies smaller than and spanning several column blocks;
+    ignored rows give 0 and 0."""
+    torch.manual_seed(8)
+    logits = (torch.randn(5, vocab, device=DEVICE) * 4).to(dtype)
+    targets = torch.tensor([3, -100, vocab - 1, 0, 17], device=DEVICE)
+    norm = torch.tensor([2.0, 5.0, 1.0, 7.0, 3.0], device=DEVICE)
+    wide = logits.double().requires_grad_()
+    want = torch.nn.functional.cross_entropy(wide, targets, reduction="none", ignore_index=-100) / norm.double()
+    (grad,) = torch.autograd.grad(want.sum(), wide)
+    got_logits = logits.clone()
+    got = nll_grad_(got_logits, targets, norm, -100)
+    assert got.dtype == torch.float32 and got[1] == 0 and not got_logits[1].any()
+    assert (got.double() - want).abs().max().item() <= tol * want.abs().max().item()
+    assert (got_logits.double() - grad).abs().max().item() <= tol * grad.abs().max().item()

@@ -1,0 +1,223 @@
+"""Causal attention over packed variable-length sequences (training passes), forward and backward.
+
+Why our own: a training pass holds ~60 sequences of 110-180 tokens, where the flash-attention kernel
+bundled with PyTorch reaches ~45 TFLOP/s (0.44 ms a 3B layer, forward + backward, for ~60 us of memory
+traffic): its 128-row tiles are mostly masked at these lengths, and its backward spends a third of its
+time outside the main kernel (dO.O per row, and the float32 dQ accumulator padded by 128 rows a
+sequence, converted at the end). Here every program handles one (sequence, head, block of rows):
+- forward: online softmax over the key blocks up to the diagonal; writes O and the row's log-sum-exp
+  (base 2) as float32 [H, N];
+- backward: delta = rowsum(dO * O) [H, N] first; then one program per key block and KV head sums dK and
+  dV over the query heads that share it (GQA), and one per query block and head computes dQ: every
+  gradient written once, no atomics, deterministic.
+Layouts: q [N, H, D], k and v [N, Hkv, D] (made contiguous; the RoPE kernel writes them so),
+`cu_seqlens` [S + 1] int32 covering all N rows, no sequence longer than `max_seqlen` (zero-length
+sequences allowed, as the graphed passes pad them; rows outside every sequence would be left unwritten);
+the result [N, H, D]. Arithmetic as flash attention's: products in bf16/fp16 with float32
+accumulation, P and dS rounded to the input dtype before their products.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _place(start, offs, n, stride_t, D: tl.constexpr, DP: tl.constexpr):
+    """Offsets and mask of a block of rows [len(offs), DP] of one head of a sequence starting at `start`:
+    rows >= n and columns >= D (a head dimension padded to DP, a power of two >= 16 for tl.dot) masked."""
+    d = tl.arange(0, DP)
+    mask = offs[:, None] < n
+    if DP != D:
+        mask = mask & (d[None, :] < D)
+    return (start + offs).to(tl.int64)[:, None] * stride_t + d[None, :], mask
+
+
+@triton.jit
+def _rows(ptr, start, offs, n, stride_t, D: tl.constexpr, DP: tl.constexpr):
+    at, mask = _place(start, offs, n, stride_t, D, DP)
+    return tl.load(ptr + at, mask=mask, other=0.0)
+
+
+@triton.jit
+def _store_rows(ptr, value, start, offs, n, stride_t, D: tl.constexpr, DP: tl.constexpr):
+    at, mask = _place(start, offs, n, stride_t, D, DP)
+    tl.store(ptr + at, value.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _sequence(cu_ptr):
+    """(first row, length) of this program's sequence, the grid's third axis."""
+    start = tl.load(cu_ptr + tl.program_id(2))
+    return start, tl.load(cu_ptr + tl.program_id(2) + 1) - start
+
+
+@triton.jit
+def _query_block(cu_ptr, BM: tl.constexpr):
+    """A query-block program's (first row in its sequence, head, sequence start, length, rows)."""
+    m0 = tl.program_id(0) * BM
+    start, n = _sequence(cu_ptr)
+    return m0, tl.program_id(1), start, n, m0 + tl.arange(0, BM)
+
+
+@triton.jit
+def _row_stats(lse_ptr, delta_ptr, h, total, start, rows, n):
+    """The saved log-sum-exp and delta of head h's rows [H, N] (0 past the sequence)."""
+    at = h.to(tl.int64) * total + start + rows
+    return tl.load(lse_ptr + at, mask=rows < n, other=0.0), tl.load(delta_ptr + at, mask=rows < n, other=0.0)
+
+
+@triton.jit
+def _forward(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cu_ptr, scale, total, HEADS: tl.constexpr, GROUP: tl.constexpr,
+             D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+             PRECISION: tl.constexpr):
+    m0, h, start, n, rows = _query_block(cu_ptr, BM)
+    if m0 < n:
+        kh = h // GROUP
+        q = _rows(q_ptr + h * D, start, rows, n, HEADS * D, D, DP)
+        peak = tl.full([BM], -float("inf"), tl.float32)
+        mass = tl.zeros([BM], tl.float32)
+        acc = tl.zeros([BM, DP], tl.float32)
+        for n0 in range(0, tl.minimum(n, m0 + BM), BN):
+            cols = n0 + tl.arange(0, BN)
+            k = _rows(k_ptr + kh * D, start, cols, n, HEADS // GROUP * D, D, DP)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+            s = tl.where((cols[None, :] <= rows[:, None]) & (cols[None, :] < n), s, -float("inf"))
+            top = tl.maximum(peak, tl.max(s, 1))
+            p = tl.exp2(s - top[:, None])
+            shrink = tl.exp2(peak - top)
+            mass = mass * shrink + tl.sum(p, 1)
+            v = _rows(v_ptr + kh * D, start, cols, n, HEADS // GROUP * D, D, DP)
+            acc = acc * shrink[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            peak = top
+        _store_rows(o_ptr + h * D, acc / mass[:, None], start, rows, n, HEADS * D, D, DP)
+        tl.store(lse_ptr + h.to(tl.int64) * total + start + rows, peak + tl.log2(mass), mask=rows < n)
+
+
+@triton.jit
+def _delta(o_ptr, do_ptr, delta_ptr, total, HEADS: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr):
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    h = tl.program_id(1)
+    o = _rows(o_ptr + h * D, 0, rows, total, HEADS * D, D, DP).to(tl.float32)
+    do = _rows(do_ptr + h * D, 0, rows, total, HEADS * D, D, DP).to(tl.float32)
+    tl.store(delta_ptr + h.to(tl.int64) * total + rows, tl.sum(o * do, 1), mask=rows < total)
+
+
+@triton.jit
+def _backward_kv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, cu_ptr, scale, total,
+                 HEADS: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr,
+                 BN: tl.constexpr, PRECISION: tl.constexpr):
+    n0 = tl.program_id(0) * BN
+    kh = tl.program_id(1)
+    start, n = _sequence(cu_ptr)
+    if n0 < n:
+        cols = n0 + tl.arange(0, BN)
+        k = _rows(k_ptr + kh * D, start, cols, n, HEADS // GROUP * D, D, DP)
+        v = _rows(v_ptr + kh * D, start, cols, n, HEADS // GROUP * D, D, DP)
+        dk = tl.zeros([BN, DP], tl.float32)
+        dv = tl.zeros([BN, DP], tl.float32)
+        for g in range(GROUP):
+            h = kh * GROUP + g
+            for m0 in range(n0, n, BM):
+                rows = m0 + tl.arange(0, BM)
+                q = _rows(q_ptr + h * D, start, rows, n, HEADS * D, D, DP)
+                do = _rows(do_ptr + h * D, start, rows, n, HEADS * D, D, DP)
+                lse, delta = _row_stats(lse_ptr, delta_ptr, h, total, start, rows, n)
+                st = tl.dot(k, tl.trans(q), input_precision=PRECISION) * scale  # [BN, BM]: keys by queries
+                seen = (cols[:, None] <= rows[None, :]) & (rows[None, :] < n)
+                pt = tl.where(seen, tl.exp2(st - lse[None, :]), 0.0)
+                dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
+                dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+                dst = pt * (dpt - delta[None, :])
+                dk += tl.dot(dst.to(q.dtype), q, input_precision=PRECISION)
+        _store_rows(dk_ptr + kh * D, dk * (scale / 1.4426950408889634), start, cols, n, HEADS // GROUP * D, D, DP)
+        _store_rows(dv_ptr + kh * D, dv, start, cols, n, HEADS // GROUP * D, D, DP)
+
+
+@triton.jit
+def _backward_q(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, cu_ptr, scale, total, HEADS: tl.constexpr,
+                GROUP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                PRECISION: tl.constexpr):
+    m0, h, start, n, rows = _query_block(cu_ptr, BM)
+    if m0 < n:
+        kh = h // GROUP
+        q = _rows(q_ptr + h * D, start, rows, n, HEADS * D, D, DP)
+        do = _rows(do_ptr + h * D, start, rows, n, HEADS * D, D, DP)
+        lse, delta = _row_stats(lse_ptr, delta_ptr, h, total, start, rows, n)
+        dq = tl.zeros([BM, DP], tl.float32)
+        for n0 in range(0, tl.minimum(n, m0 + BM), BN):
+            cols = n0 + tl.arange(0, BN)
+            k = _rows(k_ptr + kh * D, start, cols, n, HEADS // GROUP * D, D, DP)
+            v = _rows(v_ptr + kh * D, start, cols, n, HEADS // GROUP * D, D, DP)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+            seen = (cols[None, :] <= rows[:, None]) & (cols[None, :] < n)
+            p = tl.where(seen, tl.exp2(s - lse[:, None]), 0.0)
+            ds = p * (tl.dot(do, tl.trans(v), input_precision=PRECISION) - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+        _store_rows(dq_ptr + h * D, dq * (scale / 1.4426950408889634), start, rows, n, HEADS * D, D, DP)
+
+
+# (rows, keys, warps, stages) per kernel, measured on an H200 at the numbers task's lengths (speed notes)
+FORWARD = (64, 32, 4, 3)
+BACKWARD_KV = (32, 64, 4, 3)
+BACKWARD_Q = (64, 32, 4, 2)
+DELTA_ROWS = 64
+
+
+def _shape(q: Tensor, k: Tensor) -> dict:
+    """The kernels' compile-time shape; float32 products exact (IEEE), not TF32."""
+    heads, dim = q.shape[1], q.shape[2]
+    return dict(HEADS=heads, GROUP=heads // k.shape[1], D=dim, DP=_padded(dim),
+                PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+
+
+def _padded(dim: int) -> int:
+    return max(16, triton.next_power_of_2(dim))
+
+
+class _VarlenAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> Tensor:
+        q, k, v = (x.contiguous() for x in (q, k, v))
+        total, heads, dim = q.shape
+        shape = _shape(q, k)
+        out = torch.empty_like(q)
+        lse = torch.empty(heads, total, dtype=torch.float32, device=q.device)
+        bm, bn, warps, stages = FORWARD
+        _forward[(triton.cdiv(max_seqlen, bm), heads, cu_seqlens.numel() - 1)](
+            q, k, v, out, lse, cu_seqlens, LOG2E / math.sqrt(dim), total, **shape, BM=bm, BN=bn, num_warps=warps,
+            num_stages=stages)
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
+        ctx.max_seqlen = max_seqlen
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        q, k, v, out, lse, cu = ctx.saved_tensors
+        grad = grad.contiguous()
+        total, heads, dim = q.shape
+        kv_heads = k.shape[1]
+        shape = _shape(q, k)
+        delta = torch.empty_like(lse)
+        _delta[(triton.cdiv(total, DELTA_ROWS), heads)](out, grad, delta, total, HEADS=heads, D=dim, DP=_padded(dim),
+                                                        BM=DELTA_ROWS)
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        common = (cu, LOG2E / math.sqrt(dim), total)
+        bm, bn, warps, stages = BACKWARD_KV
+        _backward_kv[(triton.cdiv(ctx.max_seqlen, bn), kv_heads, cu.numel() - 1)](
+            q, k, v, grad, lse, delta, dk, dv, *common, **shape, BM=bm, BN=bn, num_warps=warps, num_stages=stages)
+        bm, bn, warps, stages = BACKWARD_Q
+        _backward_q[(triton.cdiv(ctx.max_seqlen, bm), heads, cu.numel() - 1)](
+            q, k, v, grad, lse, delta, dq, *common, **shape, BM=bm, BN=bn, num_warps=warps, num_stages=stages)
+        return dq, dk, dv, None, None
+
+
+def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> Tensor:
+    """Causal attention within each packed sequence: q [N, H, D], k/v [N, Hkv, D] -> [N, H, D]."""
+    return _VarlenAttention.apply(q, k, v, cu_seqlens, max_seqlen)
