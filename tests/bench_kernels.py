@@ -14,9 +14,12 @@ import time
 import click
 import torch
 
-from kernels import rmsnorm, rope, swiglu
+from src.fused import kernel
 from src.model import rope_tables
 from tests.test_kernels import eager_rms_norm, eager_rope_qkv, eager_swiglu
+
+
+rmsnorm, rope, swiglu = kernel("rmsnorm"), kernel("rope"), kernel("swiglu")
 
 
 def per_call(fn, calls: int) -> float:

@@ -14,12 +14,15 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton reads it
 pytest.importorskip("triton")
 
-from kernels.attention import varlen_attention  # noqa: E402
-from kernels.cross_entropy import nll_grad_  # noqa: E402
-from kernels.rmsnorm import add_rms_norm, rms_norm  # noqa: E402
-from kernels.rope import rope_qkv, rope_qkv_into_cache  # noqa: E402
-from kernels.swiglu import swiglu  # noqa: E402
+from src.fused import kernel  # noqa: E402
 from src.model import rope_tables  # noqa: E402
+
+varlen_attention = kernel("attention").varlen_attention
+nll_grad_ = kernel("cross_entropy").nll_grad_
+rms_norm, add_rms_norm = kernel("rmsnorm").rms_norm, kernel("rmsnorm").add_rms_norm
+rope_qkv, rope_qkv_into_cache = kernel("rope").rope_qkv, kernel("rope").rope_qkv_into_cache
+swiglu = kernel("swiglu").swiglu
+block_stats, uniforms = kernel("sampling").block_stats, kernel("sampling").uniforms
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -154,7 +157,6 @@ def test_swiglu(dtype, tol):
 def test_block_stats(dtype, vocab):
     """The sampler's per-block (max, sum of exp) in one Triton pass equals the torch formula, the last
     block partial or not."""
-    from kernels.sampling import block_stats
     from src import sampler
 
     torch.manual_seed(3)
@@ -169,7 +171,6 @@ def test_block_stats(dtype, vocab):
 def test_uniforms_equal_the_torch_hash():
     """The draw's random numbers from one kernel are the torch formula's, bitwise, seeds and indices
     beyond 32 bits included."""
-    from kernels.sampling import uniforms
     from src import sampler
 
     g = torch.Generator().manual_seed(4)

@@ -2,6 +2,7 @@
 sharded files and the loader's errors."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -197,11 +198,23 @@ def test_help_lists_commands():
     assert result.returncode == 0 and "chat" in result.stdout
 
 
-def test_our_kernels_folder_is_not_taken_for_the_kernels_package():
-    """transformers probes for the PyPI package `kernels`; our kernels/ on sys.path must not pass."""
+@pytest.mark.parametrize("ours_first", [True, False])
+def test_our_kernels_folder_is_not_taken_for_the_kernels_package(ours_first):
+    """transformers imports the PyPI package `kernels` where it is installed (a requirement from 5.25 on) and
+    probes for it where not; with the project root first on sys.path, as under `python -m` and pytest, our
+    kernels/ must neither shadow it nor pass for it, whichever side is imported first."""
+    pytest.importorskip("triton")
     root = Path(__file__).parents[1]
-    code = ("import sys; sys.path.insert(0, %r); import importlib.util as u; assert u.find_spec('kernels');"
-            "from transformers.utils import is_kernels_available; print(is_kernels_available())") % str(root)
+    ours = "from src.fused import kernel; assert kernel('rmsnorm').rms_norm"
+    theirs = "from transformers import Qwen2ForCausalLM; from transformers.utils import is_kernels_available"
+    code = "\n".join([
+        f"import sys; sys.path.insert(0, {str(root)!r})", *([ours, theirs] if ours_first else [theirs, ours]),
+        "import importlib.util as u; spec = u.find_spec('kernels')",
+        "print(is_kernels_available(), spec is not None and spec.origin is not None and "
+        f"spec.origin.startswith({str(root / 'kernels')!r}))"])
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "False"
+    assert out.returncode == 0, out.stderr[-2000:]
+    available, shadowed = out.stdout.split()
+    assert shadowed == "False"
+    assert available == str(importlib.util.find_spec("kernels") is not None and
+                            importlib.util.find_spec("kernels").origin is not None)
