@@ -36,8 +36,10 @@ from tests.bench_training import shape, synthetic_pairs
 @click.option("--stacks-of", "stacks_of", multiple=True,
               help="Ops (e.g. aten::copy_) to list again by the Python lines that called them (repeatable).")
 @click.option("--stack-depth", default=6, show_default=True)
+@click.option("--shapes-of", "shapes_of", multiple=True,
+              help="Ops (e.g. aten::bmm) to list again by their input shapes (repeatable).")
 def main(size: str, steps: int, micro: int | None, checkpointing: bool, cohort: int, rows: int, cpu_rows: int,
-         stacks_of: tuple[str, ...], stack_depth: int) -> None:
+         stacks_of: tuple[str, ...], stack_depth: int, shapes_of: tuple[str, ...]) -> None:
     os.environ.setdefault("SUBLIMINAL_GRAPHS", "0")  # per-op times: a replayed graph runs the same kernels unseen
     model = random_model(Qwen2Config.from_dict(shape(size)), dtype=torch.bfloat16, device="cuda")
     model.recompute = recompute_for(checkpointing, model.config.num_hidden_layers)
@@ -54,7 +56,8 @@ def main(size: str, steps: int, micro: int | None, checkpointing: bool, cohort: 
 
     with tempfile.TemporaryDirectory() as tmp:
         stacks = {"with_stack": True, "experimental_config": torch._C._profiler._ExperimentalConfig(verbose=True)}
-        prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], **(stacks if stacks_of else {}))
+        prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=bool(shapes_of),
+                       **(stacks if stacks_of else {}))
         students = [Student(pairs, Path(tmp) / f"a{i}", Path(tmp) / f"w{i}", i) for i in range(cohort)]
         train_cohort(model, students, max_steps=steps + 2, micro_batch=micro, checkpoint_every=10**9, on_step=on_step)
         prof.stop()
@@ -75,6 +78,12 @@ def main(size: str, steps: int, micro: int | None, checkpointing: bool, cohort: 
         for e in by_stack[:rows]:
             click.echo(f"{e.key:<20} {e.count / steps:>10.1f} {e.device_time_total / steps / 1e3:>11.2f}  "
                        + " <- ".join(e.stack))
+    if shapes_of:
+        by_shape = sorted((e for e in prof.key_averages(group_by_input_shape=True) if e.key in shapes_of),
+                          key=lambda e: -e.device_time_total)
+        click.echo(f"{'op':<20} {'calls/step':>10} {'GPU ms/step':>11}  input shapes")
+        for e in by_shape[:rows]:
+            click.echo(f"{e.key:<20} {e.count / steps:>10.1f} {e.device_time_total / steps / 1e3:>11.2f}  {e.input_shapes}")
 
 
 if __name__ == "__main__":
