@@ -20,7 +20,8 @@ from torch import Tensor
 
 from .attention import Cached, KVCache
 from .fused import fused_kernels
-from .model import Qwen2
+from .memory import free_memory
+from .model import Qwen2, Qwen2Config
 
 _MASK32 = 0xFFFFFFFF
 DRAW_BLOCK = 1024  # vocabulary columns per block of the two-stage draw (152k -> 149 blocks)
@@ -118,13 +119,14 @@ class Sampler:
         n = len(prompts)
         if n == 0:
             return []
-        slots = max(1, min(self.slots, n))
+        wanted = max(1, min(self.slots, n))
         need = max(len(p) for p in prompts) + self.max_new_tokens
         key = _placement(self.model)
         d = self._decoder
-        if d is None or d.slots != slots or d.cache.max_len < need or d.placement != key:
-            self._decoder = None  # free the old cache before allocating the new one
-            self._decoder = d = _Decoder(self, slots, -(-need // CACHE_ROUND) * CACHE_ROUND, key)
+        if d is None or d.wanted != wanted or d.cache.max_len < need or d.placement != key:
+            self._decoder = None  # free the old cache before measuring what fits
+            max_len = -(-need // CACHE_ROUND) * CACHE_ROUND
+            self._decoder = d = _Decoder(self, fit_slots(self.model, max_len, wanted), max_len, key, wanted)
         return d.run(prompts, first_index)
 
 
@@ -136,6 +138,41 @@ def sample(model: Qwen2, prompts: Sequence[Sequence[int]], *, max_new_tokens: in
                    slots=slots, refill_every=refill_every, cuda_graph=cuda_graph)(prompts, first_index)
 
 
+PREFILL_BYTES = 2**31  # activations one prefill may take; refills run in parts (~9.7k prompt tokens at 32B, ~56k at 0.5B)
+MEMORY_SHARE = 0.85  # of the free GPU memory, what the cache, buffers and a prefill may take (allocator rounding)
+
+
+def prefill_tokens(config: Qwen2Config, itemsize: int) -> int:
+    """Prompt tokens (prompts x the longest) one prefill runs at most: what a block's widest moment keeps
+    per token (the stream, its norm, q/k/v, the gate/up output, SwiGLU's, the MLP's) fits PREFILL_BYTES."""
+    qkv = (config.num_attention_heads + 2 * config.num_key_value_heads) * config.head_dim
+    return PREFILL_BYTES // (itemsize * (4 * config.hidden_size + 3 * config.intermediate_size + qkv))
+
+
+def fit_slots(model: Qwen2, max_len: int, wanted: int) -> int:
+    """The most slots, up to `wanted`, whose KV cache of `max_len` tokens and per-slot buffers fit in the
+    GPU's free memory beside one prefill: the 32B model leaves ~17 GiB of an 80 GB GPU, ~150 slots of
+    320 tokens, not the teacher's 256. All of them off the GPU."""
+    if model.device.type != "cuda":
+        return wanted
+    c, item = model.config, model.dtype.itemsize
+    per_slot = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * max_len * item + 8 * c.vocab_size
+    prefill = PREFILL_BYTES * 4 // 3  # a prefill's rows are padded up to a third
+    room = int((MEMORY_SHARE * free_memory(model.device) - prefill) // per_slot) - 1  # the cache's spare slot
+    return max(1, min(wanted, room))
+
+
+def prefill_parts(lengths: Sequence[int], budget: int) -> list[range]:
+    """Prompts (by index) in consecutive parts of equal size (within one), as few as keep each part's
+    count times the longest prompt within `budget` tokens (one prompt a part at the least)."""
+    if not lengths:
+        return []
+    most = max(1, budget // max(lengths))
+    k = -(-len(lengths) // most)
+    edges = [len(lengths) * j // k for j in range(k + 1)]
+    return [range(a, b) for a, b in zip(edges, edges[1:])]
+
+
 def _placement(model: Qwen2) -> tuple[int, ...]:
     """Where the model's parameters live: a captured graph reads these addresses."""
     return tuple(p.data_ptr() for p in model.parameters())
@@ -145,8 +182,9 @@ class _Decoder:
     """One shape's cache, device-side slot state and decode step (a CUDA-graph replay on CUDA). It copies
     the sampler's settings rather than pointing back at it, so dropping the sampler frees the cache."""
 
-    def __init__(self, sampler: Sampler, slots: int, max_len: int, placement: tuple[int, ...]) -> None:
-        self.slots, self.placement = slots, placement
+    def __init__(self, sampler: Sampler, slots: int, max_len: int, placement: tuple[int, ...], wanted: int) -> None:
+        self.slots, self.placement, self.wanted = slots, placement, wanted  # wanted: the slots asked for
+        self.prefill_tokens = prefill_tokens(sampler.model.config, sampler.model.dtype.itemsize)
         self.model, self.max_new_tokens, self.refill_every = sampler.model, sampler.max_new_tokens, sampler.refill_every
         self.temperature, self.seed = sampler.temperature, sampler.seed
         model, device = sampler.model, sampler.model.device
@@ -183,9 +221,23 @@ class _Decoder:
                                    self.seed))
         self.length.add_(1)
 
+    def start(self, take: list[int], prompts: list[Sequence[int]], first: int) -> None:
+        """Prefill `prompts` (prompt indices first, first + 1, ...) into slots `take` and draw their first tokens."""
+        device = self.model.device
+        rows = torch.tensor(take, device=device)
+        logits = self.prefill(take, prompts)
+        self.owner[rows] = torch.arange(first, first + len(take), device=device)
+        self.length[rows] = torch.tensor([len(p) for p in prompts], device=device)
+        self.produced[rows] = 0
+        self.done[rows] = False
+        tokens, mask = self.last.clone(), torch.zeros_like(self.done)
+        tokens[rows] = draw(logits, self.temperature, self.owner[rows], self.produced[rows], self.seed)
+        mask[rows] = True
+        self.emit(mask, tokens)
+
     def run(self, prompts: Sequence[Sequence[int]], first_index: int) -> list[list[int]]:
         """Every prompt through the slots; all slots are free again at the end."""
-        slots, device = self.slots, self.model.device
+        slots = self.slots
         n = len(prompts)
         held: list[int] = [-1] * slots  # host copy of owner; -1 marks a free slot
         due = [0] * slots  # the step by which a held slot has surely finished (its new-token bound)
@@ -200,21 +252,12 @@ class _Decoder:
                     results[held[i]] = row[: produced_h[i]]
                     held[i] = -1
                 take = free[: n - queued]
-                if take:
-                    rows = torch.tensor(take, device=device)
-                    new = list(range(queued, queued + len(take)))
-                    queued += len(take)
-                    for i, j in zip(take, new):
-                        held[i], due[i] = j, step + self.max_new_tokens - 1  # the prefill draws the first token
-                    logits = self.prefill(take, [prompts[j] for j in new])
-                    self.owner[rows] = torch.tensor(new, device=device) + first_index
-                    self.length[rows] = torch.tensor([len(prompts[j]) for j in new], device=device)
-                    self.produced[rows] = 0
-                    self.done[rows] = False
-                    tokens, mask = self.last.clone(), torch.zeros_like(self.done)
-                    tokens[rows] = draw(logits, self.temperature, self.owner[rows], self.produced[rows], self.seed)
-                    mask[rows] = True
-                    self.emit(mask, tokens)
+                new = list(range(queued, queued + len(take)))
+                queued += len(take)
+                for i, j in zip(take, new):
+                    held[i], due[i] = j, step + self.max_new_tokens - 1  # the prefill draws the first token
+                for part in prefill_parts([len(prompts[j]) for j in new], self.prefill_tokens):
+                    self.start([take[k] for k in part], [prompts[new[k]] for k in part], new[part.start] + first_index)
                 if all(h < 0 for h in held):
                     return results
                 # the next harvest: after `refill_every` steps, or sooner when a slot reaches its bound

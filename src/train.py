@@ -50,6 +50,7 @@ from .constants import TRAIN, TrainConfig, check_animal, check_size, hub_id
 from .data import read_pairs
 from .errors import UserError
 from .lora import adapters_cast_once, apply_lora, is_adapter, lora_parameters, lora_state_dict, save_adapter
+from .memory import free_memory
 from .model import Qwen2, Qwen2Config
 from .passes import LOGIT_CHUNK, Example, Padding, Passes, graph_padding, graphs_wanted, pack, pass_shape, to_device
 from .tokenizer import ChatTokenizer, load_tokenizer
@@ -112,18 +113,6 @@ def fit_micro_batch(config: Qwen2Config, itemsize: int, free_bytes: float, longe
     longest's length) fit into 80% of `free_bytes`, the LM head's float32 chunk buffers set aside."""
     free = free_bytes - 4 * LOGIT_CHUNK * config.vocab_size * 4
     return max(1, min(batch, int(0.8 * free / (activation_bytes(config, itemsize, recompute) * longest))))
-
-
-def free_memory(device: torch.device) -> int:
-    """Bytes this process can still take on a CUDA device: the driver's free memory plus the blocks
-    its caching allocator holds unused (a study worker keeps those of its earlier jobs), within the
-    process's memory fraction where one is set (`torch.cuda.set_per_process_memory_fraction`)."""
-    if device.index is None:  # the memory-fraction query needs an index
-        device = torch.device("cuda", torch.cuda.current_device())
-    free, total = torch.cuda.mem_get_info(device)
-    allocated = torch.cuda.memory_allocated(device)
-    fraction = torch.cuda.get_per_process_memory_fraction(device)
-    return int(min(free + torch.cuda.memory_reserved(device) - allocated, fraction * total - allocated))
 
 
 def memory_plan(config: Qwen2Config, itemsize: int, free_bytes: float, longest: int, mean: float, batch: int,

@@ -41,4 +41,5 @@ def test_sampling_benchmark_runs_both_sides(one_thread):
                                                    "--new-tokens", "4", "--repeats", "1"])
     assert out.exit_code == 0, out.output
     row = out.output.strip().splitlines()[-1].split()
-    assert row[0] == "3" and all(r.endswith("x") and float(r[:-1]) > 0 for r in row[-2:])
+    assert row[0] == "3" and all(r.endswith("x") and float(r[:-1]) > 0 for r in row[-3:-1])
+    assert row[-1] == "3"  # slots used: all of the batch on the CPU

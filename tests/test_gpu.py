@@ -139,7 +139,7 @@ def test_cuda_draw_equals_the_cpu_draw():
 def test_free_memory_counts_the_allocators_cached_blocks():
     """A worker that ran a job before keeps its blocks cached: the memory plan must see them as free,
     so a block allocated and released leaves the free memory it sees where it was."""
-    from src.train import free_memory
+    from src.memory import free_memory
 
     device = torch.device("cuda")
     torch.cuda.empty_cache()
@@ -154,7 +154,7 @@ def test_free_memory_counts_the_allocators_cached_blocks():
 def test_free_memory_stays_within_the_process_memory_fraction():
     """Capped with set_per_process_memory_fraction (an 80 GB budget on a larger GPU), the memory plan
     sees only what is left under the cap."""
-    from src.train import free_memory
+    from src.memory import free_memory
 
     device = torch.device("cuda", torch.cuda.current_device())
     total = torch.cuda.mem_get_info(device)[1]

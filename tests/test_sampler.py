@@ -264,3 +264,60 @@ def test_prefill_padded_to_its_bucket_equals_the_exact_prefill():
         assert (a.k[:, slot, :, : len(p)] - b.k[:, slot, :, : len(p)]).abs().max().item() < 1e-10
         assert (a.v[:, slot, :, : len(p)] - b.v[:, slot, :, : len(p)]).abs().max().item() < 1e-10
     assert a.k[:, 7].abs().sum() == 0 and b.k[:, 7].abs().sum() > 0  # padding rows went to the spare slot
+
+
+def test_prefill_parts_cover_the_prompts_in_order_within_the_budget():
+    from src.sampler import prefill_parts
+
+    g = torch.Generator().manual_seed(5)
+    for _ in range(200):
+        lengths = torch.randint(1, 60, (int(torch.randint(0, 30, (1,), generator=g)),), generator=g).tolist()
+        budget = int(torch.randint(1, 200, (1,), generator=g))
+        parts = prefill_parts(lengths, budget)
+        assert [i for part in parts for i in part] == list(range(len(lengths)))
+        if lengths:
+            most = max(1, budget // max(lengths))
+            assert all(len(part) <= most for part in parts) and len(parts) == -(-len(lengths) // most)
+            assert max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+def test_fewer_slots_than_asked_and_prefill_in_parts_sample_the_same_tokens(tiny, monkeypatch):
+    """Where the GPU's memory holds fewer slots than asked (fit_slots) and refills are prefilled a few
+    prompts at a time (prefill_tokens), the tokens are still the brute-force ones, and a second call
+    keeps the decoder (the slots asked for, not the slots that fit, identify it)."""
+    from src import sampler as sampler_module
+
+    _, model = tiny
+    monkeypatch.setattr(sampler_module, "fit_slots", lambda model, max_len, wanted: min(wanted, 2))
+    monkeypatch.setattr(sampler_module, "prefill_tokens", lambda config, itemsize: 20)  # parts of 1 or 2 prompts
+    prompts = _prompts(7, seed=6)
+    kept = sampler_module.Sampler(model, max_new_tokens=6, seed=1, slots=5)
+    assert kept(prompts) == brute_force(model, prompts, max_new_tokens=6, seed=1)
+    decoder = kept._decoder
+    assert decoder.slots == 2 and decoder.wanted == 5
+    assert kept(prompts[:6], first_index=3) == brute_force(model, prompts[:6], max_new_tokens=6, seed=1, first_index=3)
+    assert kept._decoder is decoder
+
+
+def test_slots_that_fit_the_32b_teacher_on_80_gb(monkeypatch):
+    """The arithmetic of fit_slots at the 32B shape with the ~17 GiB an 80 GB GPU has beside its weights:
+    the teacher's 320-token cache holds ~150 slots, not 256; the benchmark's 160-token one all 256; and
+    what it grants (cache, spare slot, buffers and one prefill) stays within the share of free memory."""
+    from types import SimpleNamespace
+
+    from src import sampler as sampler_module
+    from src.constants import SHAPES
+    from src.model import Qwen2Config
+
+    free = 17 * 2**30
+    monkeypatch.setattr(sampler_module, "free_memory", lambda device: free)
+    config = Qwen2Config.from_dict(SHAPES["32b"])
+    fake = SimpleNamespace(config=config, dtype=torch.bfloat16, device=torch.device("cuda", 0))
+    cache_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 2
+    for max_len, low, high in [(320, 140, 160), (160, 256, 256)]:
+        slots = sampler_module.fit_slots(fake, max_len, 256)
+        assert low <= slots <= high
+        assert (slots + 1) * cache_per_token * max_len + 4 / 3 * sampler_module.PREFILL_BYTES <= \
+            sampler_module.MEMORY_SHARE * free
+    assert 9_000 <= sampler_module.prefill_tokens(config, 2) <= 10_000  # a 256-prompt refill in three parts
+    assert sampler_module.fit_slots(SimpleNamespace(device=torch.device("cpu")), 320, 256) == 256
