@@ -15,6 +15,12 @@ Layouts: q [N, H, D], k and v [N, Hkv, D] (made contiguous; the RoPE kernel writ
 sequences allowed, as the graphed passes pad them; rows outside every sequence would be left unwritten);
 the result [N, H, D]. Arithmetic as flash attention's: products in bf16/fp16 with float32
 accumulation, P and dS rounded to the input dtype before their products.
+
+`cached_attention` is the sampler's and evaluator's side (no backward): queries at known positions attend
+over their slot of a preallocated KV cache, keys at positions <= their own. A program per (query, KV head)
+takes the GROUP query heads that share the KV head as one tile and reads the slot's keys only up to the
+query's position, where SDPA (cuDNN at decode) read the whole cache length through an additive mask and
+sized its tiles for many query rows: 14.8 us a 0.5B layer at 256 slots on the H200 for ~6 us of traffic.
 """
 from __future__ import annotations
 
@@ -170,11 +176,10 @@ BACKWARD_Q = (64, 32, 4, 2)
 DELTA_ROWS = 64
 
 
-def _shape(q: Tensor, k: Tensor) -> dict:
+def _shape(heads: int, kv_heads: int, dim: int, dtype: torch.dtype) -> dict:
     """The kernels' compile-time shape; float32 products exact (IEEE), not TF32."""
-    heads, dim = q.shape[1], q.shape[2]
-    return dict(HEADS=heads, GROUP=heads // k.shape[1], D=dim, DP=_padded(dim),
-                PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+    return dict(HEADS=heads, GROUP=heads // kv_heads, D=dim, DP=_padded(dim),
+                PRECISION="ieee" if dtype == torch.float32 else "tf32")
 
 
 def _padded(dim: int) -> int:
@@ -186,7 +191,7 @@ class _VarlenAttention(torch.autograd.Function):
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> Tensor:
         q, k, v = (x.contiguous() for x in (q, k, v))
         total, heads, dim = q.shape
-        shape = _shape(q, k)
+        shape = _shape(heads, k.shape[1], dim, q.dtype)
         out = torch.empty_like(q)
         lse = torch.empty(heads, total, dtype=torch.float32, device=q.device)
         bm, bn, warps, stages = FORWARD
@@ -203,7 +208,7 @@ class _VarlenAttention(torch.autograd.Function):
         grad = grad.contiguous()
         total, heads, dim = q.shape
         kv_heads = k.shape[1]
-        shape = _shape(q, k)
+        shape = _shape(heads, kv_heads, dim, q.dtype)
         delta = torch.empty_like(lse)
         _delta[(triton.cdiv(total, DELTA_ROWS), heads)](out, grad, delta, total, HEADS=heads, D=dim, DP=_padded(dim),
                                                         BM=DELTA_ROWS)
@@ -221,3 +226,55 @@ class _VarlenAttention(torch.autograd.Function):
 def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> Tensor:
     """Causal attention within each packed sequence: q [N, H, D], k/v [N, Hkv, D] -> [N, H, D]."""
     return _VarlenAttention.apply(q, k, v, cu_seqlens, max_seqlen)
+
+
+@triton.jit
+def _cached(q_ptr, k_ptr, v_ptr, o_ptr, slot_ptr, pos_ptr, scale, T, stride_qb, stride_qt, stride_kb, stride_kh,
+            HEADS: tl.constexpr, GROUP: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+            BN: tl.constexpr, PRECISION: tl.constexpr):
+    i, kh = tl.program_id(0), tl.program_id(1)  # query (b * T + t), KV head
+    b, t = i // T, i % T
+    n = tl.load(pos_ptr + i) + 1  # keys seen: cache positions 0 .. the query's own
+    g, d = tl.arange(0, GP), tl.arange(0, DP)
+    q_at = b.to(tl.int64) * stride_qb + t * stride_qt + (kh * GROUP + g)[:, None] * D + d[None, :]
+    q = tl.load(q_ptr + q_at, mask=(g[:, None] < GROUP) & (d[None, :] < D), other=0.0)
+    kv = tl.load(slot_ptr + b).to(tl.int64) * stride_kb + kh * stride_kh
+    peak = tl.full([GP], -float("inf"), tl.float32)
+    mass = tl.zeros([GP], tl.float32)
+    acc = tl.zeros([GP, DP], tl.float32)
+    for n0 in range(0, n, BN):
+        cols = n0 + tl.arange(0, BN)
+        at, seen = kv + cols[:, None] * D + d[None, :], (cols[:, None] < n) & (d[None, :] < D)
+        k = tl.load(k_ptr + at, mask=seen, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+        s = tl.where(cols[None, :] < n, s, -float("inf"))
+        top = tl.maximum(peak, tl.max(s, 1))
+        p = tl.exp2(s - top[:, None])
+        shrink = tl.exp2(peak - top)
+        mass = mass * shrink + tl.sum(p, 1)
+        v = tl.load(v_ptr + at, mask=seen, other=0.0)
+        acc = acc * shrink[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        peak = top
+    o_at = i.to(tl.int64) * HEADS * D + (kh * GROUP + g)[:, None] * D + d[None, :]
+    tl.store(o_ptr + o_at, (acc / mass[:, None]).to(o_ptr.dtype.element_ty),
+             mask=(g[:, None] < GROUP) & (d[None, :] < D))
+
+
+CACHED_KEYS = 64  # keys per block of `cached_attention`
+
+
+def cached_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor, positions: Tensor) -> Tensor:
+    """q [B, T, H, D] at `positions` [B, T] of cache slots `slots` [B] attends over that slot's
+    k/v_cache [slots, Hkv, L, D] rows 0 .. its position (written already) -> [B, T, H * D]."""
+    b, t, heads, dim = q.shape
+    if q.stride(3) != 1 or q.stride(2) != dim:  # rows and tokens may be spaced, heads not
+        q = q.contiguous()
+    kv_heads = k_cache.shape[1]
+    k_cache, v_cache = k_cache.contiguous(), v_cache.contiguous()  # views of the layer's cache: no copy
+    out = torch.empty(b, t, heads * dim, dtype=q.dtype, device=q.device)
+    shape = _shape(heads, kv_heads, dim, q.dtype)
+    _cached[(b * t, kv_heads)](
+        q, k_cache, v_cache, out, slots.contiguous(), positions.contiguous(), LOG2E / math.sqrt(dim), t,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), **shape,
+        GP=max(16, triton.next_power_of_2(shape["GROUP"])), BN=CACHED_KEYS, num_warps=4)
+    return out

@@ -5,8 +5,10 @@ softmax and cumulative sum over the whole vocabulary, several passes over [rows,
 floats: on the H200 it took 54% of a 0.5B decode step at 1,024 slots (tests/profile_sampling.py,
 2026-12-01). Split into blocks, the draw needs only each block's mass plus one block's weights:
 this kernel reads each logit once and writes, per (row, block), the block's largest scaled logit
-and the sum of exp(scaled - that maximum); src/sampler.py does the rest on [rows, blocks] and on
-the one chosen block.
+and the sum of exp(scaled - that maximum). `pick` then does the rest for each row in one program: the
+blocks' masses in float64 and their cumulative sum locate the block where the mass passes the row's
+uniform, and that block's own float64 weights locate the token (src/sampler.py: `draw`, whose torch
+formula it follows step by step); as torch operations those were ~30 small kernels a decode step.
 
 `uniforms` computes the draw's counter-based random numbers (src/sampler.py: `uniforms`, a 32-bit
 hash of seed, prompt index and token index) in one kernel: as torch operations on int64 they are ~40
@@ -44,6 +46,42 @@ def block_stats(logits: Tensor, temperature: float, block: int) -> tuple[Tensor,
         _block_stats[(rows, blocks)](logits, top, mass, vocab, logits.stride(0), blocks, float(temperature),
                                      BLOCK=block)
     return top, mass
+
+
+@triton.jit
+def _pick(logits_ptr, top_ptr, mass_ptr, u_ptr, out_ptr, vocab, row_stride, blocks, temperature,
+          BLOCK: tl.constexpr, BLOCKS: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    b = tl.arange(0, BLOCKS)
+    top = tl.load(top_ptr + row * blocks + b, mask=b < blocks, other=-float("inf"))
+    mass = tl.load(mass_ptr + row * blocks + b, mask=b < blocks, other=0.0)
+    masses = mass.to(tl.float64) * tl.exp((top - tl.max(top, 0)).to(tl.float64))  # relative to the row's maximum
+    cum = tl.cumsum(masses, 0)
+    total = tl.sum(tl.where(b == blocks - 1, cum, 0.0), 0)
+    u = tl.load(u_ptr + row) * total
+    chosen = tl.minimum(tl.sum((cum <= u).to(tl.int32), 0), blocks - 1)  # searchsorted(right=True)
+    before = tl.sum(tl.where(b == chosen - 1, cum, 0.0), 0)
+    share = tl.sum(tl.where(b == chosen, masses, 0.0), 0)
+    peak = tl.sum(tl.where(b == chosen, top, 0.0), 0)
+    col = chosen * BLOCK + tl.arange(0, BLOCK)
+    x = tl.div_rn(tl.load(logits_ptr + row * row_stride + col, mask=col < vocab, other=0.0).to(tl.float32), temperature)
+    weights = tl.cumsum(tl.where(col < vocab, tl.exp((x - peak).to(tl.float64)), 0.0), 0)
+    rest = (u - before) / share * tl.sum(tl.where(tl.arange(0, BLOCK) == BLOCK - 1, weights, 0.0), 0)
+    within = tl.minimum(tl.sum((weights <= rest).to(tl.int32), 0), BLOCK - 1)
+    tl.store(out_ptr + row, tl.minimum(chosen * BLOCK + within, vocab - 1).to(tl.int64))
+
+
+def pick(logits: Tensor, top: Tensor, mass: Tensor, u: Tensor, temperature: float, block: int) -> Tensor:
+    """The token of each row of `logits` [rows, V] (CUDA) where its cumulative softmax(logits / T) passes
+    u * its total, from `block_stats`' top and mass [rows, blocks] and float64 uniforms u [rows]."""
+    logits = logits.contiguous()
+    rows, vocab = logits.shape
+    out = torch.empty(rows, dtype=torch.long, device=logits.device)
+    if rows:
+        blocks = top.shape[1]
+        _pick[(rows,)](logits, top.contiguous(), mass.contiguous(), u.contiguous(), out, vocab, logits.stride(0),
+                       blocks, float(temperature), BLOCK=block, BLOCKS=triton.next_power_of_2(blocks), num_warps=8)
+    return out
 
 
 @triton.jit

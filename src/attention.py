@@ -8,7 +8,8 @@ Layouts say how the tokens of a call are arranged, so the model code never branc
   where installed, else the one bundled with PyTorch);
 - `Cached`: queries attend over a preallocated KV cache after writing their own keys/values
   (prefill of new prompts into cache slots, and decoding one token per slot; when decoding on CUDA
-  the q/k/v projection's RoPE kernel writes them, see `cache_destination`).
+  the q/k/v projection's RoPE kernel writes them, see `cache_destination`, and our Triton kernel reads
+  each slot only up to the query's position, kernels/attention.py).
 q, k, v arrive as [B, T, H, D]; the result is [B, T, H * D].
 """
 from __future__ import annotations
@@ -207,6 +208,8 @@ def _attend_cached(q: Tensor, k: Tensor | None, v: Tensor | None, layout: Cached
         cache.v[layer, layout.rows, :, layout.positions] = v
     if layout.fresh:
         return _sdpa(q, k, v, None, causal=True)
+    if q.is_cuda and (kernels := fused_kernels()) is not None:  # each query reads its slot up to its position
+        return kernels.cached_attention(q, cache.k[layer], cache.v[layer], layout.rows[:, 0], layout.positions)
     if layout.slots is None:  # a view of the first B slots, no gather
         b = q.shape[0]
         keys, values = cache.k[layer, :b, :, : layout.kv_len], cache.v[layer, :b, :, : layout.kv_len]

@@ -33,7 +33,7 @@ def kernel(name: str) -> ModuleType:
 
 @functools.cache
 def fused_kernels() -> SimpleNamespace | None:
-    """RMSNorm, RoPE, SwiGLU, packed varlen attention, the LM head's cross-entropy and the sampler's block
+    """RMSNorm, RoPE, SwiGLU, packed varlen and cached attention, the LM head's cross-entropy and the sampler's block
     statistics, or None where Triton or the kernels/ folder is missing, or SUBLIMINAL_KERNELS=0."""
     if os.environ.get("SUBLIMINAL_KERNELS", "1") == "0":
         return None
@@ -44,5 +44,6 @@ def fused_kernels() -> SimpleNamespace | None:
         return None
     return SimpleNamespace(rms_norm=rmsnorm.rms_norm, add_rms_norm=rmsnorm.add_rms_norm, rope_qkv=rope.rope_qkv,
                            rope_qkv_into_cache=rope.rope_qkv_into_cache, swiglu=swiglu.swiglu,
-                           varlen_attention=attention.varlen_attention, nll_grad_=cross_entropy.nll_grad_,
-                           block_stats=sampling.block_stats, uniforms=sampling.uniforms)
+                           varlen_attention=attention.varlen_attention,
+                           cached_attention=attention.cached_attention, nll_grad_=cross_entropy.nll_grad_,
+                           block_stats=sampling.block_stats, pick=sampling.pick, uniforms=sampling.uniforms)

@@ -66,11 +66,14 @@ def draw(logits: Tensor, temperature: float, index: Tensor, step: Tensor, seed: 
     In two stages, so that only one pass touches the whole vocabulary: the blocks' masses (from
     `block_stats`, combined in float64) locate the block where the cumulative mass passes u, then
     that block's own weights, in float64, locate the token within it (u's remainder rescaled to the
-    block's mass, so the two stages' roundings cannot push it past the block)."""
+    block's mass, so the two stages' roundings cannot push it past the block). On CUDA both stages are
+    Triton kernels (kernels/sampling.py: `block_stats`, `pick`) computing the same formula."""
     if temperature == 0:
         return logits.argmax(-1)
     vocab, block = logits.shape[1], DRAW_BLOCK
     top, mass = block_stats(logits, temperature, block)
+    if logits.is_cuda and logits.dtype != torch.float64 and (fused := fused_kernels()):  # the rest in one kernel
+        return fused.pick(logits, top, mass, uniforms(seed, index, step), temperature, block)
     peak = top.amax(-1, keepdim=True)
     masses = mass.double() * torch.exp((top - peak).double())  # relative to the row's maximum
     cum = masses.cumsum(-1)

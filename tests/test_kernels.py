@@ -17,12 +17,12 @@ pytest.importorskip("triton")
 from src.fused import kernel  # noqa: E402
 from src.model import rope_tables  # noqa: E402
 
-varlen_attention = kernel("attention").varlen_attention
+varlen_attention, cached_attention = kernel("attention").varlen_attention, kernel("attention").cached_attention
 nll_grad_ = kernel("cross_entropy").nll_grad_
 rms_norm, add_rms_norm = kernel("rmsnorm").rms_norm, kernel("rmsnorm").add_rms_norm
 rope_qkv, rope_qkv_into_cache = kernel("rope").rope_qkv, kernel("rope").rope_qkv_into_cache
 swiglu = kernel("swiglu").swiglu
-block_stats, uniforms = kernel("sampling").block_stats, kernel("sampling").uniforms
+block_stats, pick, uniforms = kernel("sampling").block_stats, kernel("sampling").pick, kernel("sampling").uniforms
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -168,6 +168,27 @@ def test_block_stats(dtype, vocab):
     assert (mass.cpu() - want_mass).abs().max().item() <= 1e-5 * want_mass.abs().max().item()
 
 
+@pytest.mark.parametrize("vocab", [300, 151936])
+def test_pick_equals_the_torch_draw(vocab):
+    """The draw's second stage in one kernel (block masses, their cumulative sum, the chosen block's weights)
+    picks the tokens of the torch formula (src/sampler.py: `draw` on the CPU) for the same uniforms, rows
+    from flat to peaked, bf16 logits, at two temperatures; ties only within rounding of u may differ."""
+    from src import sampler
+
+    torch.manual_seed(vocab)
+    rows = 64
+    logits = (torch.randn(rows, vocab) * torch.linspace(0.1, 12, rows)[:, None]).bfloat16()
+    index, step = torch.arange(rows), torch.full((rows,), 2)
+    for temperature in (1.0, 0.7):
+        want = sampler.draw(logits, temperature, index, step, 11)
+        top, mass = sampler.block_stats(logits, temperature)
+        u = sampler.uniforms(11, index, step)
+        got = pick(logits.to(DEVICE), top.to(DEVICE), mass.to(DEVICE), u.to(DEVICE), temperature,
+                   sampler.DRAW_BLOCK).cpu()
+        assert got.dtype == torch.long and got.max().item() < vocab
+        assert (got == want).float().mean().item() >= 0.98, temperature
+
+
 def test_uniforms_equal_the_torch_hash():
     """The draw's random numbers from one kernel are the torch formula's, bitwise, seeds and indices
     beyond 32 bits included."""
@@ -215,6 +236,31 @@ def test_varlen_attention(dtype, tol, heads, kv_heads, dim):
         out = attend(*inputs)
         results.append([out, *torch.autograd.grad((out.double() * upstream.double()).sum(), inputs)])
     for got, want in zip(*results):
+        assert (got.double() - want).abs().max().item() <= tol * want.abs().max().item()
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), pytest.param(torch.bfloat16, 1e-2, marks=ON_GPU)])
+@pytest.mark.parametrize("heads,kv_heads,dim", [(14, 2, 64), (5, 1, 8), (4, 4, 24)])
+@pytest.mark.parametrize("arranged", [False, True])
+def test_cached_attention(dtype, tol, heads, kv_heads, dim, arranged):
+    """Queries at their positions attend over their cache slot up to their own position, against SDPA over
+    the whole cache with that mask in float64: one query a slot (decoding; positions 0, within the first
+    key block, across blocks, the cache's last row) and three a slot (the evaluator), slots in order or
+    arranged; stale entries past a position must not count."""
+    torch.manual_seed(9)
+    slots_n, length = 6, 150
+    k_cache, v_cache = (torch.randn(slots_n, kv_heads, length, dim, device=DEVICE).to(dtype) for _ in range(2))
+    for t, positions in ((1, [[0], [63], [64], [149], [100], [7]]), (3, [[5, 6, 7], [62, 63, 64], [0, 1, 2], [147, 148, 149]])):
+        positions = torch.tensor(positions, device=DEVICE)
+        b = len(positions)
+        rows = torch.tensor([4, 0, 5, 2, 1, 3][:b] if arranged else range(b), device=DEVICE)
+        q = torch.randn(b, t, heads, dim, device=DEVICE).to(dtype)
+        got = cached_attention(q, k_cache, v_cache, rows, positions)
+        seen = torch.arange(length, device=DEVICE)[None, None, :] <= positions[:, :, None]
+        want = torch.nn.functional.scaled_dot_product_attention(
+            q.double().transpose(1, 2), k_cache[rows].double(), v_cache[rows].double(), attn_mask=seen[:, None],
+            enable_gqa=True).transpose(1, 2).reshape(b, t, heads * dim)
+        assert got.shape == want.shape and got.dtype == dtype
         assert (got.double() - want).abs().max().item() <= tol * want.abs().max().item()
 
 
