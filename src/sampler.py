@@ -59,25 +59,18 @@ def block_stats(logits: Tensor, temperature: float, block: int = DRAW_BLOCK) -> 
     return top, torch.exp(x - top[..., None]).sum(-1)
 
 
-def draw(logits: Tensor, temperature: float, index: Tensor, step: Tensor, seed: int) -> Tensor:
-    """One token per row of `logits` [B, V]: argmax at temperature 0, else exact inverse-CDF sampling
-    over softmax(logits / T) with the row's uniform u.
-
-    In two stages, so that only one pass touches the whole vocabulary: the blocks' masses (from
-    `block_stats`, combined in float64) locate the block where the cumulative mass passes u, then
-    that block's own weights, in float64, locate the token within it (u's remainder rescaled to the
-    block's mass, so the two stages' roundings cannot push it past the block). On CUDA both stages are
-    Triton kernels (kernels/sampling.py: `block_stats`, `pick`) computing the same formula."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    vocab, block = logits.shape[1], DRAW_BLOCK
-    top, mass = block_stats(logits, temperature, block)
-    if logits.is_cuda and logits.dtype != torch.float64 and (fused := fused_kernels()):  # the rest in one kernel
-        return fused.pick(logits, top, mass, uniforms(seed, index, step), temperature, block)
+def pick(logits: Tensor, top: Tensor, mass: Tensor, u: Tensor, temperature: float, block: int = DRAW_BLOCK) -> Tensor:
+    """The draw's second stage: the token of each row where its cumulative softmax(logits / T) passes u times
+    its total, from `block_stats`' top and mass [B, blocks] and uniforms u [B] (float64). The blocks'
+    masses, combined in float64, locate the block where the cumulative mass passes, then that block's own
+    weights, in float64, locate the token within it (u's remainder rescaled to the block's mass, so the
+    two stages' roundings cannot push it past the block). kernels/sampling.py: `pick` is this formula
+    in one kernel."""
+    vocab = logits.shape[1]
     peak = top.amax(-1, keepdim=True)
     masses = mass.double() * torch.exp((top - peak).double())  # relative to the row's maximum
     cum = masses.cumsum(-1)
-    u = uniforms(seed, index, step) * cum[:, -1]
+    u = u * cum[:, -1]
     chosen = torch.searchsorted(cum, u[:, None], right=True).clamp(max=top.shape[1] - 1)  # [B, 1]
     before = torch.where(chosen > 0, cum.gather(1, (chosen - 1).clamp(min=0)), 0.0)
     columns = chosen * block + torch.arange(block, device=logits.device)  # [B, block]
@@ -87,6 +80,20 @@ def draw(logits: Tensor, temperature: float, index: Tensor, step: Tensor, seed: 
     rest = (u[:, None] - before) / masses.gather(1, chosen) * weights[:, -1:]
     within = torch.searchsorted(weights, rest, right=True).clamp(max=block - 1)
     return (chosen * block + within)[:, 0].clamp(max=vocab - 1)
+
+
+def draw(logits: Tensor, temperature: float, index: Tensor, step: Tensor, seed: int) -> Tensor:
+    """One token per row of `logits` [B, V]: argmax at temperature 0, else exact inverse-CDF sampling
+    over softmax(logits / T) with the row's uniform u, in two stages so that only one pass touches the
+    whole vocabulary (`block_stats`, then `pick`); on CUDA each stage is one Triton kernel (as torch
+    operations the second stage was ~30 small kernels a decode step)."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    top, mass = block_stats(logits, temperature)
+    u = uniforms(seed, index, step)
+    if logits.is_cuda and logits.dtype != torch.float64 and (fused := fused_kernels()):
+        return fused.pick(logits, top, mass, u, temperature, DRAW_BLOCK)
+    return pick(logits, top, mass, u, temperature)
 
 
 CACHE_ROUND = 32  # cache lengths are rounded up to this, so calls with similar prompt lengths share one decode graph

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from src.checkpoint import random_model
 from src.model import Qwen2Config
 from src.train import Student, train_cohort
-from tests import bench_sampling, bench_training
+from tests import bench_decode, bench_sampling, bench_training
 from tests.cheap import one_thread  # noqa: F401 (fixture)
 
 
@@ -43,3 +43,24 @@ def test_sampling_benchmark_runs_both_sides(one_thread):
     row = out.output.strip().splitlines()[-1].split()
     assert row[0] == "3" and all(r.endswith("x") and float(r[:-1]) > 0 for r in row[-3:-1])
     assert row[-1] == "3"  # slots used: all of the batch on the CPU
+
+
+def test_decode_benchmark_swaps_in_the_replaced_paths_and_back(one_thread):
+    """Inside `replaced_paths` the cached layout gets no kernels (SDPA) and the draw the torch pick; both
+    come back after; the table has both sides, their ratio and the share of identical sequences (all of
+    them on the CPU, where both sides run the same code)."""
+    from src import attention, sampler
+    from src.fused import fused_kernels
+
+    kernels = fused_kernels()
+    before = attention.fused_kernels, kernels.pick if kernels else None
+    with bench_decode.replaced_paths():
+        assert attention.fused_kernels() is None
+        assert kernels is None or kernels.pick is sampler.pick
+    assert (attention.fused_kernels, kernels.pick if kernels else None) == before
+    out = CliRunner().invoke(bench_decode.main, ["--size", "tiny", "--device", "cpu", "--batch", "3",
+                                                 "--new-tokens", "4", "--repeats", "1"])
+    assert out.exit_code == 0, out.output
+    row = out.output.strip().splitlines()[-1].split()
+    assert row[0] == "3" and float(row[1]) > 0 and float(row[2]) > 0 and row[3].endswith("x")
+    assert float(row[4]) == 1.0 and row[5] == "3"

@@ -47,6 +47,22 @@ def test_cuda_greedy_sampling_matches_transformers(tiny_checkpoint):
         assert g == want[0, len(p):].tolist()
 
 
+def test_cuda_decode_kernels_sample_what_the_replaced_paths_sample(tiny_checkpoint):
+    """Sampling at temperature 1 in float32 through our cached-attention and pick kernels gives the sequences
+    of SDPA over the whole cache and the torch pick (tests/bench_decode.py's two sides), with stops and
+    refills, prompts of several lengths and more prompts than slots."""
+    from tests.bench_decode import replaced_paths
+
+    model = load_model(tiny_checkpoint(seed=6), dtype=torch.float32, device="cuda")
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 160, (int(n),), generator=g).tolist() for n in torch.randint(2, 90, (24,), generator=g)]
+    kwargs = dict(max_new_tokens=40, temperature=1.0, seed=4, stop_ids=(7,), slots=8)
+    ours = sample(model, prompts, **kwargs)
+    with replaced_paths():
+        before = sample(model, prompts, **kwargs)
+    assert sum(a == b for a, b in zip(ours, before)) >= 23 and len({len(a) for a in ours}) > 1
+
+
 def test_cuda_lora_fast_path_close_to_peft(tiny_checkpoint):
     """On CUDA the bf16 LoRA update runs in bf16; it stays within bf16 rounding of PEFT's float32 update."""
     from peft import LoraConfig, get_peft_model

@@ -169,9 +169,9 @@ def test_block_stats(dtype, vocab):
 
 
 @pytest.mark.parametrize("vocab", [300, 151936])
-def test_pick_equals_the_torch_draw(vocab):
+def test_pick_equals_the_torch_pick(vocab):
     """The draw's second stage in one kernel (block masses, their cumulative sum, the chosen block's weights)
-    picks the tokens of the torch formula (src/sampler.py: `draw` on the CPU) for the same uniforms, rows
+    picks the tokens of the torch formula (src/sampler.py: `pick`) for the same statistics and uniforms, rows
     from flat to peaked, bf16 logits, at two temperatures; ties only within rounding of u may differ."""
     from src import sampler
 
@@ -180,9 +180,9 @@ def test_pick_equals_the_torch_draw(vocab):
     logits = (torch.randn(rows, vocab) * torch.linspace(0.1, 12, rows)[:, None]).bfloat16()
     index, step = torch.arange(rows), torch.full((rows,), 2)
     for temperature in (1.0, 0.7):
-        want = sampler.draw(logits, temperature, index, step, 11)
         top, mass = sampler.block_stats(logits, temperature)
         u = sampler.uniforms(11, index, step)
+        want = sampler.pick(logits, top, mass, u, temperature)
         got = pick(logits.to(DEVICE), top.to(DEVICE), mass.to(DEVICE), u.to(DEVICE), temperature,
                    sampler.DRAW_BLOCK).cpu()
         assert got.dtype == torch.long and got.max().item() < vocab
