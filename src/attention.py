@@ -34,7 +34,8 @@ except ImportError:  # pragma: no cover - depends on the machine
 
 # cuDNN's SDPA builds a new execution plan for every new shape (milliseconds of CPU each): it is
 # left out where shapes change with every call (training micro-batches, prefills) and kept for
-# the fixed-shape decode step, where its one plan is the fastest masked kernel.
+# cached attention without our kernels (SUBLIMINAL_KERNELS=0, no Triton), where its one plan for the
+# fixed-shape decode step is the fastest masked SDPA kernel.
 _VARYING = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 _FIXED = [SDPBackend.CUDNN_ATTENTION, *_VARYING]
 
