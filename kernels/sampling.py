@@ -7,7 +7,7 @@ floats: on the H200 it took 54% of a 0.5B decode step at 1,024 slots (tests/prof
 this kernel reads each logit once and writes, per (row, block), the block's largest scaled logit
 and the sum of exp(scaled - that maximum). `pick` then does the rest for each row in one program: the
 blocks' masses in float64 and their cumulative sum locate the block where the mass passes the row's
-uniform, and that block's own float64 weights locate the token (src/sampler.py: `draw`, whose torch
+uniform, and that block's own float64 weights locate the token (src/sampler.py: `pick`, whose torch
 formula it follows step by step); as torch operations those were ~30 small kernels a decode step.
 
 `uniforms` computes the draw's counter-based random numbers (src/sampler.py: `uniforms`, a 32-bit

@@ -33,8 +33,9 @@ def kernel(name: str) -> ModuleType:
 
 @functools.cache
 def fused_kernels() -> SimpleNamespace | None:
-    """RMSNorm, RoPE, SwiGLU, packed varlen and cached attention, the LM head's cross-entropy and the sampler's block
-    statistics, or None where Triton or the kernels/ folder is missing, or SUBLIMINAL_KERNELS=0."""
+    """RMSNorm, RoPE, SwiGLU, packed varlen and cached attention, the LM head's cross-entropy and the sampler's
+    draw (block statistics, pick, uniforms), or None where Triton or the kernels/ folder is missing, or
+    SUBLIMINAL_KERNELS=0."""
     if os.environ.get("SUBLIMINAL_KERNELS", "1") == "0":
         return None
     try:
