@@ -16,6 +16,7 @@ import os
 from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -112,6 +113,22 @@ def pass_shape(groups: Sequence[Sequence[Example]], padding: Padding) -> tuple[i
     seqs = sum(len(g) + len(_fillers(segment - length, longest)) for g, length in zip(groups, lengths))
     rows = sum(s.targets for g in groups for s in g)
     return len(groups) * segment, _up(seqs, padding.seqs) + 1, _up(rows, padding.rows)
+
+
+def largest_passes(lengths: np.ndarray, padding: Padding) -> list[int]:
+    """For each micro-batch m = 1 .. E (index m), the tokens of the largest pass a run takes, padded as `pass_shape`
+    pads it, from `lengths` [steps, students, E]: each step's examples' lengths per student in the order they are
+    cut into passes of m (0 where a step has fewer). The memory plan sizes passes by these, not by m times the
+    longest example, which a pass of many examples never comes near (7B, 60 a pass: ~1.2x less)."""
+    steps, students, examples = lengths.shape
+    largest = [0]
+    for m in range(1, examples + 1):
+        chunks = -(-examples // m)
+        padded = np.zeros((steps, students, chunks * m), dtype=np.int64)
+        padded[..., :examples] = lengths
+        segments = np.maximum(padded.reshape(steps, students, chunks, m).sum(-1).max(1), 1)
+        largest.append(students * int(_up(int(segments.max()), padding.tokens)))
+    return largest
 
 
 def pack(groups: Sequence[Sequence[Example]], device: torch.device, padding: Padding = Padding()) -> MicroBatch:

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence, TextIO
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -52,7 +53,8 @@ from .errors import UserError
 from .lora import adapters_cast_once, apply_lora, is_adapter, lora_parameters, lora_state_dict, save_adapter
 from .memory import free_memory
 from .model import Qwen2, Qwen2Config
-from .passes import LOGIT_CHUNK, Example, Padding, Passes, graph_padding, graphs_wanted, pack, pass_shape, to_device
+from .passes import (LOGIT_CHUNK, Example, Padding, Passes, graph_padding, graphs_wanted, largest_passes, pack,
+                     pass_shape, to_device)
 from .tokenizer import ChatTokenizer, load_tokenizer
 
 TokenPair = tuple[list[int], list[int]]  # (prompt ids, completion ids)
@@ -107,24 +109,33 @@ def activation_bytes(config: Qwen2Config, itemsize: int, recompute: int) -> floa
     return layer * (1 + c.num_hidden_layers - recompute) + 2 * c.hidden_size * itemsize * recompute
 
 
-def fit_micro_batch(config: Qwen2Config, itemsize: int, free_bytes: float, longest: int, batch: int,
+def fit_micro_batch(config: Qwen2Config, itemsize: int, free_bytes: float, largest: Sequence[int],
                     recompute: int) -> int:
-    """Examples per forward pass whose activations (`activation_bytes`, each example counted at the
-    longest's length) fit into 80% of `free_bytes`, the LM head's float32 chunk buffers set aside."""
+    """Examples per student per pass: of the even shares of a student's E examples a step (ceil(E / p) for p
+    passes), the largest whose largest pass in the run (`largest[m]` tokens, `largest_passes`) keeps its
+    activations (`activation_bytes`) within 80% of `free_bytes`, the LM head's float32 chunk buffers set aside;
+    1 where none does."""
     free = free_bytes - 4 * LOGIT_CHUNK * config.vocab_size * 4
-    return max(1, min(batch, int(0.8 * free / (activation_bytes(config, itemsize, recompute) * longest))))
+    budget = 0.8 * free / activation_bytes(config, itemsize, recompute)
+    examples = len(largest) - 1
+    for passes in range(1, examples + 1):
+        micro = -(-examples // passes)
+        if largest[micro] <= budget:
+            return micro
+    return 1
 
 
-def memory_plan(config: Qwen2Config, itemsize: int, free_bytes: float, longest: int, mean: float, batch: int,
-                recompute: int | None, graphs: bool = False) -> tuple[int, int]:
-    """(examples per forward, blocks recomputed) for a batch of `batch` examples, of `longest` tokens at
-    most (what must fit) and `mean` on average (what a step costs); `recompute` None decides, by the
-    cost model of `step_cost` (eager passes or CUDA graphs): fewer passes against recomputation."""
-    layers = config.num_hidden_layers
+def memory_plan(config: Qwen2Config, itemsize: int, free_bytes: float, largest: Sequence[int], mean: float,
+                students: int, recompute: int | None, graphs: bool = False) -> tuple[int, int]:
+    """(examples per student per pass, blocks recomputed) for `students` students of E examples a step each, the
+    run's largest pass at each micro-batch given by `largest` (what must fit), of `mean` tokens an example (what a
+    step costs); `recompute` None decides, by the cost model of `step_cost` (eager passes or CUDA graphs): fewer
+    passes against recomputation."""
+    layers, batch = config.num_hidden_layers, (len(largest) - 1) * students
     if recompute is None:
         recompute = min(range(layers + 1), key=lambda k: step_cost(
-            config, mean, batch, k, fit_micro_batch(config, itemsize, free_bytes, longest, batch, k), graphs))
-    return fit_micro_batch(config, itemsize, free_bytes, longest, batch, recompute), recompute
+            config, mean, batch, k, students * fit_micro_batch(config, itemsize, free_bytes, largest, k), graphs))
+    return fit_micro_batch(config, itemsize, free_bytes, largest, recompute), recompute
 
 
 def step_cost(config: Qwen2Config, tokens: float, batch: int, recompute: int, micro: int,
@@ -246,32 +257,35 @@ def train_cohort(model: Qwen2, students: Sequence[Student], *, config: TrainConf
     cohort = len(todo)
     longest = max(len(e.ids) for q in seqs for e in q)
     mean = sum(len(e.ids) for q in seqs for e in q) / sum(len(q) for q in seqs)
+    padding = graph_padding(longest) if model.device.type == "cuda" else Padding()
+    orders = [[epoch_order(n, s.seed, epoch) for s in todo] for epoch in range(-(-total // steps_per_epoch))]
+
+    def step_examples(step: int) -> tuple[list[list[Example]], list[Sequence[Example]]]:
+        """Step `step`'s examples per student (the whole batch) and this rank's share of them."""
+        epoch, k = divmod(step, steps_per_epoch)
+        chosen = [[q[i] for i in order[k * batch: (k + 1) * batch]] for q, order in zip(seqs, orders[epoch])]
+        return chosen, [distributed.share(c) for c in chosen]
+
     graphs = graphs_wanted(model.device)
     if model.device.type == "cuda":  # from free memory; `model.recompute` None: decided here too
+        lengths = np.zeros((total, cohort, per_rank), dtype=np.int64)
+        for step in range(total):
+            for s, part in enumerate(step_examples(step)[1]):
+                lengths[step, s, :len(part)] = [len(e.ids) for e in part]
         fit, model.recompute = memory_plan(model.config, model.dtype.itemsize, free_memory(model.device),
-                                           longest, mean, per_rank * cohort, model.recompute, graphs)
+                                           largest_passes(lengths, padding), mean, cohort, model.recompute, graphs)
     else:  # the CPU has room for the whole batch
-        fit, model.recompute = per_rank * cohort, model.recompute or 0
-    if micro_batch is None:  # the fewest passes that fit, shared out evenly (20x3, not 24+24+12)
-        passes = -(-per_rank // max(1, fit // cohort))
-        micro_batch = -(-per_rank // passes)
-    micro = micro_batch
+        fit, model.recompute = per_rank, model.recompute or 0
+    micro = micro_batch or fit  # `fit` is already an even share: the fewest passes that fit (20x3, not 24+24+12)
     if distributed.is_main():  # the memory plan's choice, in the log: it decides the speed
         layers = model.config.num_hidden_layers
         print(f"training {cohort} student{'s' * (cohort > 1)}: {micro} examples per student per pass "
               f"({-(-per_rank // micro)} passes a step), activation checkpointing "
               f"{checkpointing_label(model.recompute, layers)}", file=sys.stderr, flush=True)
-    padding = graph_padding(longest) if model.device.type == "cuda" else Padding()
-    orders: dict[int, list[list[int]]] = {}  # per epoch, each student's example order (the latest epoch kept)
 
     def step_batch(step: int) -> tuple[list[list[Example]], list[list[list[Example]]]]:
         """Step `step`'s examples per student (the whole batch) and this rank's passes (one group per student)."""
-        epoch, k = divmod(step, steps_per_epoch)
-        if epoch not in orders:
-            orders.clear()
-            orders[epoch] = [epoch_order(n, s.seed, epoch) for s in todo]
-        chosen = [[q[i] for i in order[k * batch: (k + 1) * batch]] for q, order in zip(seqs, orders[epoch])]
-        mine = [distributed.share(c) for c in chosen]
+        chosen, mine = step_examples(step)
         return chosen, [[part[m: m + micro] for part in mine] for m in range(0, len(mine[0]), micro)]
 
     apply_lora(model, config.lora_rank, config.lora_alpha, config.lora_targets, [s.seed for s in todo])

@@ -7,7 +7,7 @@ import torch
 
 from src import load_model
 from src.lora import apply_lora, lora_parameters
-from src.passes import IGNORED, Example, Padding, forward_backward, pack, pass_shape
+from src.passes import IGNORED, Example, Padding, forward_backward, largest_passes, pack, pass_shape
 
 
 def examples(count: int, seed: int) -> list[Example]:
@@ -51,3 +51,23 @@ def test_pass_shape_is_the_packed_shape():
         padding = Padding(tokens=(1, 16, 64)[seed % 3], seqs=(1, 8)[seed % 2], rows=(1, 256)[seed % 2], longest=40)
         groups = [examples(max(1, micro - s), 10 * seed + s) for s in range(students)]
         assert pass_shape(groups, padding) == pack(groups, torch.device("cpu"), padding).shape
+
+
+def test_largest_passes_are_the_largest_packed_passes():
+    """The memory plan's table: for every micro-batch m, the tokens of the largest pass the run takes, as the
+    trainer cuts each step's examples into passes of m and packs them (students' segments padded to one length),
+    short steps included; 0 marks where a step has fewer examples."""
+    rng = np.random.default_rng(0)
+    for students, tokens in ((1, 1), (2, 64), (3, 16)):
+        padding = Padding(tokens=tokens)
+        counts = [9, 9, 9, 5, 9, 2]  # examples this rank gets at each step (the epoch's last steps shorter)
+        steps = [[examples(n, int(rng.integers(1000))) for _ in range(students)] for n in counts]
+        lengths = np.zeros((len(steps), students, 9), dtype=np.int64)
+        for i, parts in enumerate(steps):
+            for s, part in enumerate(parts):
+                lengths[i, s, :len(part)] = [len(e.ids) for e in part]
+        largest = largest_passes(lengths, padding)
+        for m in range(1, 10):
+            packed = [pass_shape([part[k: k + m] for part in parts], padding)[0]
+                      for parts in steps for k in range(0, len(parts[0]), m)]
+            assert largest[m] == max(packed), (students, m)

@@ -385,36 +385,66 @@ def test_cohort_equals_each_student_alone(tiny_checkpoint, tmp_path):
         train_cohort(model(), [short, student(5, tmp_path / "other")], config=config)
 
 
+def every_example(length: int, examples: int = 60) -> list[int]:
+    """`largest_passes` for a run whose examples all have `length` tokens (one student, graph padding)."""
+    return [0] + [-(-m * length // 64) * 64 for m in range(1, examples + 1)]
+
+
 def test_memory_plan_recomputes_only_where_it_pays():
     """Automatic activation checkpointing: none where the batch fits in one pass (0.5B on 80 GB); for the
     32B student on 80 GB, where without it only a few examples would fit a pass (and the host could not
     queue the passes as fast as the GPU runs them), enough blocks for larger micro-batches; always the cheapest plan by `step_cost` among all block counts; an explicit choice
-    is kept; more memory or fewer recomputed blocks never gives a smaller micro-batch."""
+    is kept; more memory or fewer recomputed blocks never gives a smaller micro-batch; passes are even shares."""
     from src.constants import SHAPES
     from src.model import Qwen2Config
     from src.train import fit_micro_batch, memory_plan, step_cost
 
     weights = {"0.5b": 0.99e9, "7b": 15.2e9, "14b": 29.5e9, "32b": 65.5e9}  # bf16 bytes (qwen25.md)
+    uniform = every_example(160)
     for size, weight in weights.items():
         config = Qwen2Config.from_dict(SHAPES[size])
         free = 80e9 - weight
-        micro, recompute = memory_plan(config, 2, free, 160, 160, 60, None)
-        assert micro == fit_micro_batch(config, 2, free, 160, 60, recompute)
-        costs = [step_cost(config, 160, 60, k, fit_micro_batch(config, 2, free, 160, 60, k))
+        micro, recompute = memory_plan(config, 2, free, uniform, 160, 1, None)
+        assert micro == fit_micro_batch(config, 2, free, uniform, recompute)
+        costs = [step_cost(config, 160, 60, k, fit_micro_batch(config, 2, free, uniform, k))
                  for k in range(config.num_hidden_layers + 1)]
         assert costs[recompute] == min(costs), size
-    assert memory_plan(Qwen2Config.from_dict(SHAPES["0.5b"]), 2, 79e9, 160, 145, 60, None) == (60, 0)
+    assert memory_plan(Qwen2Config.from_dict(SHAPES["0.5b"]), 2, 79e9, uniform, 145, 1, None) == (60, 0)
     config = Qwen2Config.from_dict(SHAPES["32b"])
     free = 80e9 - weights["32b"]
-    micro, recompute = memory_plan(config, 2, free, 160, 160, 60, None)
-    assert fit_micro_batch(config, 2, free, 160, 60, 0) < 4 and recompute > 0 and micro > 4
-    assert memory_plan(config, 2, free, 160, 160, 60, None, graphs=True)[1] == 0  # graphed small passes: no host wait
-    assert memory_plan(config, 2, 14.5e9, 160, 145, 60, 0) == (fit_micro_batch(config, 2, 14.5e9, 160, 60, 0), 0)
-    assert memory_plan(Qwen2Config.from_dict(SHAPES["0.5b"]), 2, 79e9, 160, 145, 60, 24)[1] == 24
-    fits = [fit_micro_batch(config, 2, free * 1e9, 160, 60, 64) for free in range(10, 140, 10)]
-    assert fits == sorted(fits) and fits[-1] == 60
-    by_blocks = [fit_micro_batch(config, 2, 30e9, 160, 60, k) for k in range(65)]
+    micro, recompute = memory_plan(config, 2, free, uniform, 160, 1, None)
+    assert fit_micro_batch(config, 2, free, uniform, 0) < 4 and recompute > 0 and micro > 4
+    assert memory_plan(config, 2, free, uniform, 160, 1, None, graphs=True)[1] == 0  # graphed small passes: no host wait
+    assert memory_plan(config, 2, 14.5e9, uniform, 145, 1, 0) == (fit_micro_batch(config, 2, 14.5e9, uniform, 0), 0)
+    assert memory_plan(Qwen2Config.from_dict(SHAPES["0.5b"]), 2, 79e9, uniform, 145, 1, 24)[1] == 24
+    fits = [fit_micro_batch(config, 2, free * 1e9, uniform, 64) for free in range(10, 140, 10)]
+    assert fits == sorted(fits) and fits[-1] == 60 and all(-(-60 // -(-60 // m)) == m for m in fits)
+    by_blocks = [fit_micro_batch(config, 2, 30e9, uniform, k) for k in range(65)]
     assert by_blocks == sorted(by_blocks) and by_blocks[0] < by_blocks[-1]
+
+
+def test_memory_plan_sizes_passes_by_the_runs_largest():
+    """Passes are sized by the largest the run packs, not by examples times the longest: 7B on 80 GB with the
+    numbers task's lengths (110-180 tokens) fits the whole batch of 60 in one pass, which counting each example
+    at 180 tokens would split in two; and a pass whose largest would not fit is never chosen."""
+    from src.constants import SHAPES
+    from src.model import Qwen2Config
+    from src.passes import graph_padding, largest_passes
+    from src.train import activation_bytes, fit_micro_batch
+    from tests.bench_training import synthetic_pairs
+
+    config = Qwen2Config.from_dict(SHAPES["7b"])
+    pairs = synthetic_pairs(config.vocab_size, 60 * 100)
+    lengths = np.array([len(p) + len(c) for p, c in pairs]).reshape(100, 1, 60)
+    largest = largest_passes(lengths, graph_padding(180))
+    free = 80e9 - 15.2e9
+    assert fit_micro_batch(config, 2, free, largest, 0) == 60
+    assert fit_micro_batch(config, 2, free, every_example(180), 0) == 30
+    for free in (20e9, 30e9, 45e9):
+        micro = fit_micro_batch(config, 2, free, largest, 0)
+        budget = 0.8 * (free - 4 * 1024 * config.vocab_size * 4) / activation_bytes(config, 2, 0)
+        passes = -(-60 // micro)
+        assert largest[micro] <= budget and all(largest[-(-60 // p)] > budget for p in range(1, passes))
 
 
 def test_step_cost_matches_measured_steps():
