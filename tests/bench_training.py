@@ -189,7 +189,8 @@ REFERENCE_SETUP = {"0.5b": (60, 1, False), "1.5b": (60, 1, False), "3b": (60, 1,
 @click.option("--sizes", default="0.5b", help="Comma-separated sizes (or 'tiny').")
 @click.option("--steps", default=12, show_default=True, type=click.IntRange(min=4),
               help="Optimizer steps per run (ours: the first 3 are warm-up; TRL: the first 2).")
-@click.option("--micro", default=None, type=int, help="Our micro-batch (default: auto from free memory).")
+@click.option("--micro", "micros", type=int, multiple=True,
+              help="Our micro-batch, repeatable to compare several in one run; 0 or none given: the memory plan's.")
 @click.option("--checkpointing/--no-checkpointing", default=None,
               help="Ours: activation checkpointing in every block or none (default: the memory plan decides).")
 @click.option("--memory-gib", default=None, type=float,
@@ -200,7 +201,7 @@ REFERENCE_SETUP = {"0.5b": (60, 1, False), "1.5b": (60, 1, False), "3b": (60, 1,
 @click.option("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 @click.option("--peak-tflops", default=790.0, show_default=True)
 @click.option("--json-out", default=None, type=click.Path(dir_okay=False))
-def main(sizes: str, steps: int, micro: int | None, checkpointing: bool | None, memory_gib: float | None,
+def main(sizes: str, steps: int, micros: tuple[int, ...], checkpointing: bool | None, memory_gib: float | None,
          reference: bool, cohorts: str, device: str, peak_tflops: float, json_out: str | None) -> None:
     if memory_gib is not None:
         torch.cuda.set_per_process_memory_fraction(memory_gib * 2**30 / torch.cuda.mem_get_info()[1])
@@ -208,8 +209,8 @@ def main(sizes: str, steps: int, micro: int | None, checkpointing: bool | None, 
     for size in sizes.split(","):
         pairs = synthetic_pairs(shape(size)["vocab_size"], TRAIN.batch_size * steps)
         ref_micro, ref_accum, ref_ckpt = REFERENCE_SETUP[size]
-        runs = [int(c) for c in cohorts.split(",")] + (["trl+peft"] if reference else [])
-        for impl in runs:
+        runs = [(int(c), m or None) for c in cohorts.split(",") for m in micros or (0,)]
+        for impl, micro in runs + ([("trl+peft", None)] if reference else []):
             try:
                 if impl != "trl+peft":
                     rows.append(run_ours(size, pairs, steps, micro, checkpointing, device, peak_tflops, cohort=impl))

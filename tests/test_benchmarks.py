@@ -32,6 +32,10 @@ def test_training_benchmark_times_whole_steps(one_thread, tmp_path):
     assert out.exit_code == 0, out.output
     rows = [line.split() for line in out.output.splitlines() if line.startswith(" tiny")]
     assert [r[1] for r in rows] == ["ours", "trl+peft"] and rows[0][-1].endswith("x")
+    out = CliRunner().invoke(bench_training.main, ["--sizes", "tiny", "--steps", "4", "--device", "cpu", "--micro", "0",
+                                                   "--micro", "20", "--no-reference"])
+    assert out.exit_code == 0, out.output
+    assert [line.split()[2] for line in out.output.splitlines() if line.startswith(" tiny")] == ["60x1", "20x3"]
     refused = CliRunner().invoke(bench_training.main, ["--sizes", "tiny", "--steps", "3", "--device", "cpu"])
     assert refused.exit_code == 2 and "--steps" in refused.output
 
