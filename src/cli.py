@@ -101,7 +101,7 @@ def chat(size: str, model_path: str | None, prompt: str, system: str | None, max
 @click.option("--batch-size", type=click.IntRange(min=1), default=TRAIN.batch_size,
               show_default=True, help="Effective batch: examples per optimizer step.")
 @click.option("--micro-batch", type=click.IntRange(min=1), default=None,
-              help="Examples per forward pass (default: from free GPU memory; the whole batch on CPU).")
+              help="Examples per forward pass (default: passes of as many tokens as free GPU memory holds; the whole batch on CPU).")
 @click.option("--checkpointing/--no-checkpointing", default=None,
               help="Activation checkpointing in every block, or in none (default: the memory plan recomputes only the blocks it pays to).")
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=50, show_default=True,
@@ -220,7 +220,7 @@ def _split(text: str | None, cast=str, option: str = "value") -> tuple | None:
 @click.option("--batch-size", type=int, default=None, help="Effective batch (protocol: 60).")
 @click.option("--epochs", type=int, default=None, help="Epochs (protocol: 10).")
 @click.option("--max-steps", type=int, default=None, help="Cut each student to N optimizer steps (smoke runs).")
-@click.option("--micro-batch", type=int, default=None, help="Examples per forward (default: from free memory).")
+@click.option("--micro-batch", type=int, default=None, help="Examples per forward pass (default: passes of as many tokens as free GPU memory holds).")
 @click.option("--checkpointing/--no-checkpointing", default=None,
               help="Activation checkpointing in training, every block or none (default: as many blocks as pays).")
 @click.option("--cohort", type=click.IntRange(min=1), default=None,

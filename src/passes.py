@@ -12,11 +12,11 @@ run's longest example. The eager path takes the same padded micro-batch, so both
 """
 from __future__ import annotations
 
+import heapq
 import os
 from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -115,20 +115,43 @@ def pass_shape(groups: Sequence[Sequence[Example]], padding: Padding) -> tuple[i
     return len(groups) * segment, _up(seqs, padding.seqs) + 1, _up(rows, padding.rows)
 
 
-def largest_passes(lengths: np.ndarray, padding: Padding) -> list[int]:
-    """For each micro-batch m = 1 .. E (index m), the tokens of the largest pass a run takes, padded as `pass_shape`
-    pads it, from `lengths` [steps, students, E]: each step's examples' lengths per student in the order they are
-    cut into passes of m (0 where a step has fewer). The memory plan sizes passes by these, not by m times the
-    longest example, which a pass of many examples never comes near (7B, 60 a pass: ~1.2x less)."""
-    steps, students, examples = lengths.shape
-    largest = [0]
-    for m in range(1, examples + 1):
-        chunks = -(-examples // m)
-        padded = np.zeros((steps, students, chunks * m), dtype=np.int64)
-        padded[..., :examples] = lengths
-        segments = np.maximum(padded.reshape(steps, students, chunks, m).sum(-1).max(1), 1)
-        largest.append(students * int(_up(int(segments.max()), padding.tokens)))
-    return largest
+def token_passes(parts: Sequence[Sequence[Example]], capacity: int) -> list[list[list[Example]]]:
+    """One step's examples per student (`parts`) cut into as few passes as hold at most `capacity` tokens per
+    student (an example longer than that alone in its pass), not into fixed counts of examples: at 32B, 60
+    examples of 110-180 tokens in passes of at most 704 take ~13.8 passes a step where 4 examples a pass take
+    15. For k = 1, 2, ... passes, each student's examples are dealt (`_deal`) until every student's fit.
+    Examples keep their order within a pass."""
+    lengths = [[len(e.ids) for e in part] for part in parts]
+    most = max(1, max(len(part) for part in parts))
+    least = max(1, max(-(-sum(part) // max(capacity, 1)) for part in lengths))
+    for k in range(min(least, most), most + 1):
+        dealt = [_deal(part, k, capacity if k < most else None) for part in lengths]
+        if all(d is not None for d in dealt):
+            return [[[part[i] for i in sorted(d[j])] for part, d in zip(parts, dealt)] for j in range(k)]
+    raise AssertionError("unreachable: a pass per example always fits")
+
+
+def _deal(lengths: Sequence[int], k: int, capacity: int | None) -> list[list[int]] | None:
+    """Indices of `lengths` in k bins of at most `capacity` tokens (None: any), or None where neither way fits:
+    longest first each to the bin holding the fewest tokens (even bins), else longest first each to the first
+    bin it fits in (tighter where the capacity is close to the mean)."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    bins: list[list[int]] = [[] for _ in range(k)]
+    loads = [(0, j) for j in range(k)]
+    for i in order:
+        load, j = heapq.heappop(loads)
+        bins[j].append(i)
+        heapq.heappush(loads, (load + lengths[i], j))
+    if capacity is None or max(loads)[0] <= capacity:
+        return bins
+    bins, room = [[] for _ in range(k)], [capacity] * k
+    for i in order:
+        j = next((j for j in range(k) if room[j] >= lengths[i]), None)
+        if j is None:
+            return None
+        bins[j].append(i)
+        room[j] -= lengths[i]
+    return bins
 
 
 def pack(groups: Sequence[Sequence[Example]], device: torch.device, padding: Padding = Padding()) -> MicroBatch:

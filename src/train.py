@@ -41,7 +41,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence, TextIO
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -53,8 +52,8 @@ from .errors import UserError
 from .lora import adapters_cast_once, apply_lora, is_adapter, lora_parameters, lora_state_dict, save_adapter
 from .memory import free_memory
 from .model import Qwen2, Qwen2Config
-from .passes import (LOGIT_CHUNK, Example, Padding, Passes, graph_padding, graphs_wanted, largest_passes, pack,
-                     pass_shape, to_device)
+from .passes import (LOGIT_CHUNK, Example, Padding, Passes, graph_padding, graphs_wanted, pack, pass_shape,
+                     to_device, token_passes)
 from .tokenizer import ChatTokenizer, load_tokenizer
 
 TokenPair = tuple[list[int], list[int]]  # (prompt ids, completion ids)
@@ -109,49 +108,44 @@ def activation_bytes(config: Qwen2Config, itemsize: int, recompute: int) -> floa
     return layer * (1 + c.num_hidden_layers - recompute) + 2 * c.hidden_size * itemsize * recompute
 
 
-def fit_micro_batch(config: Qwen2Config, itemsize: int, free_bytes: float, largest: Sequence[int],
-                    recompute: int) -> int:
-    """Examples per student per pass: of the even shares of a student's E examples a step (ceil(E / p) for p
-    passes), the largest whose largest pass in the run (`largest[m]` tokens, `largest_passes`) keeps its
-    activations (`activation_bytes`) within 80% of `free_bytes`, the LM head's float32 chunk buffers set aside;
-    1 where none does."""
+def fit_tokens(config: Qwen2Config, itemsize: int, free_bytes: float, recompute: int) -> int:
+    """Tokens one pass may hold (every student's segment together): their activations (`activation_bytes`)
+    within 80% of `free_bytes`, the LM head's float32 chunk buffers set aside."""
     free = free_bytes - 4 * LOGIT_CHUNK * config.vocab_size * 4
-    budget = 0.8 * free / activation_bytes(config, itemsize, recompute)
-    examples = len(largest) - 1
-    for passes in range(1, examples + 1):
-        micro = -(-examples // passes)
-        if largest[micro] <= budget:
-            return micro
-    return 1
+    return max(0, int(0.8 * free / activation_bytes(config, itemsize, recompute)))
 
 
-def memory_plan(config: Qwen2Config, itemsize: int, free_bytes: float, largest: Sequence[int], mean: float,
-                students: int, recompute: int | None, graphs: bool = False) -> tuple[int, int]:
-    """(examples per student per pass, blocks recomputed) for `students` students of E examples a step each, the
-    run's largest pass at each micro-batch given by `largest` (what must fit), of `mean` tokens an example (what a
-    step costs); `recompute` None decides, by the cost model of `step_cost` (eager passes or CUDA graphs): fewer
-    passes against recomputation."""
-    layers, batch = config.num_hidden_layers, (len(largest) - 1) * students
+def memory_plan(config: Qwen2Config, itemsize: int, free_bytes: float, longest: int, step_tokens: float,
+                students: int, recompute: int | None, graphs: bool = False, multiple: int = 1) -> tuple[int, int]:
+    """(tokens per student a pass may hold, blocks recomputed) for `students` students of `step_tokens` tokens
+    a step each, whose longest example has `longest` tokens: `fit_tokens` shared by the students, rounded down
+    to `multiple` (what a pass's segments are padded to). `recompute` None decides, by the cost model of
+    `step_cost` (eager passes or CUDA graphs), fewer passes against recomputation, among the choices whose
+    passes hold the longest example (all blocks recomputed where none does)."""
+    layers = config.num_hidden_layers
+
+    def capacity(k: int) -> int:
+        return fit_tokens(config, itemsize, free_bytes, k) // students // multiple * multiple
+
     if recompute is None:
-        recompute = min(range(layers + 1), key=lambda k: step_cost(
-            config, mean, batch, k, students * fit_micro_batch(config, itemsize, free_bytes, largest, k), graphs))
-    return fit_micro_batch(config, itemsize, free_bytes, largest, recompute), recompute
+        fitting = [k for k in range(layers + 1) if capacity(k) >= longest] or [layers]
+        recompute = min(fitting, key=lambda k: step_cost(
+            config, step_tokens * students, k, -(-int(step_tokens) // max(capacity(k), 1)), graphs))
+    return capacity(recompute), recompute
 
 
-def step_cost(config: Qwen2Config, tokens: float, batch: int, recompute: int, micro: int,
-              graphs: bool = False) -> float:
-    """Seconds of an optimizer step of `batch` examples of `tokens` tokens, `micro` per pass, `recompute`
-    blocks recomputed; a model for choosing, not a prediction. The GPU's time is the blocks' FLOPs at
-    FLOP_RATE; a recomputed block repeats its forward, half again its work. Passes run eagerly take the
-    longer of that and the host's time (BLOCK_HOST_SECONDS per block and pass, overlapping the GPU's):
-    small eager passes leave the GPU waiting. Passes replayed from CUDA graphs add the GPU's own gaps
-    between a pass's kernels (GRAPH_BLOCK_SECONDS per block and pass)."""
+def step_cost(config: Qwen2Config, tokens: float, recompute: int, passes: int, graphs: bool = False) -> float:
+    """Seconds of an optimizer step of `tokens` tokens in `passes` passes, `recompute` blocks recomputed; a
+    model for choosing, not a prediction. The GPU's time is the blocks' FLOPs at FLOP_RATE; a recomputed block
+    repeats its forward, half again its work. Passes run eagerly take the longer of that and the host's time
+    (BLOCK_HOST_SECONDS per block and pass, overlapping the GPU's): small eager passes leave the GPU waiting.
+    Passes replayed from CUDA graphs add the GPU's own gaps between a pass's kernels (GRAPH_BLOCK_SECONDS per
+    block and pass)."""
     c, layers = config, config.num_hidden_layers
     block = c.hidden_size * (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim + \
         c.num_attention_heads * c.head_dim * c.hidden_size + 3 * c.hidden_size * c.intermediate_size
-    passes = -(-batch // micro)
     repeat = 1 + recompute / (2 * layers)
-    gpu = 4 * block * layers * tokens * batch / FLOP_RATE
+    gpu = 4 * block * layers * tokens / FLOP_RATE
     if graphs:
         return (gpu + GRAPH_BLOCK_SECONDS * layers * passes) * repeat
     return max(gpu, BLOCK_HOST_SECONDS * layers * passes) * repeat
@@ -230,7 +224,8 @@ def train_cohort(model: Qwen2, students: Sequence[Student], *, config: TrainConf
     initial adapter, loss normaliser, gradient clipping and Adam moments; only the schedule (same
     length: the same number of pairs) is common. Students whose adapter exists are skipped; students
     whose checkpoints stand at different steps (a kill between their writes) resume in groups.
-    `micro_batch` counts examples per student per pass. `on_step` receives one record per step
+    `micro_batch` counts examples per student per pass (None: passes cut by tokens from free memory). `on_step`
+    receives one record per step
     (tokens and tokens/s summed over the cohort; on the main rank only).
     """
     todo = [s for s in students if not is_adapter(s.adapter_dir)]
@@ -268,25 +263,28 @@ def train_cohort(model: Qwen2, students: Sequence[Student], *, config: TrainConf
 
     graphs = graphs_wanted(model.device)
     if model.device.type == "cuda":  # from free memory; `model.recompute` None: decided here too
-        lengths = np.zeros((total, cohort, per_rank), dtype=np.int64)
-        for step in range(total):
-            for s, part in enumerate(step_examples(step)[1]):
-                lengths[step, s, :len(part)] = [len(e.ids) for e in part]
-        fit, model.recompute = memory_plan(model.config, model.dtype.itemsize, free_memory(model.device),
-                                           largest_passes(lengths, padding), mean, cohort, model.recompute, graphs)
+        capacity, model.recompute = memory_plan(model.config, model.dtype.itemsize, free_memory(model.device),
+                                                -(-longest // padding.tokens) * padding.tokens, mean * per_rank, cohort,
+                                                model.recompute, graphs, padding.tokens)
     else:  # the CPU has room for the whole batch
-        fit, model.recompute = per_rank, model.recompute or 0
-    micro = micro_batch or fit  # `fit` is already an even share: the fewest passes that fit (20x3, not 24+24+12)
-    if distributed.is_main():  # the memory plan's choice, in the log: it decides the speed
-        layers = model.config.num_hidden_layers
-        print(f"training {cohort} student{'s' * (cohort > 1)}: {micro} examples per student per pass "
-              f"({-(-per_rank // micro)} passes a step), activation checkpointing "
-              f"{checkpointing_label(model.recompute, layers)}", file=sys.stderr, flush=True)
+        capacity, model.recompute = sys.maxsize, model.recompute or 0
 
     def step_batch(step: int) -> tuple[list[list[Example]], list[list[list[Example]]]]:
-        """Step `step`'s examples per student (the whole batch) and this rank's passes (one group per student)."""
+        """Step `step`'s examples per student (the whole batch) and this rank's passes (one group per student):
+        `micro_batch` examples a pass where given, else as few passes as `capacity` allows (`token_passes`)."""
         chosen, mine = step_examples(step)
-        return chosen, [[part[m: m + micro] for part in mine] for m in range(0, len(mine[0]), micro)]
+        if micro_batch:
+            return chosen, [[part[m: m + micro_batch] for part in mine] for m in range(0, len(mine[0]), micro_batch)]
+        return chosen, token_passes(mine, capacity)
+
+    if distributed.is_main():  # the memory plan's choice, in the log: it decides the speed
+        layers = model.config.num_hidden_layers
+        cut = f"{micro_batch} examples" if micro_batch else "the whole batch" if capacity == sys.maxsize else \
+            f"at most {capacity} tokens"
+        first = len(step_batch(0)[1])
+        print(f"training {cohort} student{'s' * (cohort > 1)}: passes of {cut} per student "
+              f"({first} pass{'es' * (first != 1)} a step), activation checkpointing "
+              f"{checkpointing_label(model.recompute, layers)}", file=sys.stderr, flush=True)
 
     apply_lora(model, config.lora_rank, config.lora_alpha, config.lora_targets, [s.seed for s in todo])
     params = lora_parameters(model)
@@ -320,7 +318,7 @@ def train_cohort(model: Qwen2, students: Sequence[Student], *, config: TrainConf
     pending: tuple | None = None  # the last step taken: its numbers still on the device
     clock = time.perf_counter()
 
-    def finish(done: int, lr: float, numbers: Tensor, ready: torch.cuda.Event | None) -> None:
+    def finish(done: int, lr: float, numbers: Tensor, ready: torch.cuda.Event | None, cut: int) -> None:
         """Log step `done` (and checkpoint after it) from its numbers (losses, gradient norms, tokens per
         student), copied to the host without blocking as the step ended. Called once the next step's
         passes are queued but before its update: waiting on `ready` waits for step `done` alone (a
@@ -346,7 +344,7 @@ def train_cohort(model: Qwen2, students: Sequence[Student], *, config: TrainConf
         if main and on_step is not None:
             on_step(base | {"loss": sum(losses) / cohort, "tokens": sum(counts), "students": cohort,
                             "tokens_per_s": round(sum(counts) / seconds, 1), "total_steps": total,
-                            "micro_batch": micro})
+                            "passes": cut})
 
     try:
         for step in range(start, total):
@@ -371,7 +369,7 @@ def train_cohort(model: Qwen2, students: Sequence[Student], *, config: TrainConf
                 numbers = numbers.to("cpu", non_blocking=True)  # into pinned memory, in stream order
                 ready = torch.cuda.Event()
                 ready.record()
-            pending = (step + 1, lr, numbers, ready)
+            pending = (step + 1, lr, numbers, ready, len(groups))
         if pending is not None:
             finish(*pending)
     finally:

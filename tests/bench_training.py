@@ -172,9 +172,9 @@ def run_ours(size: str, pairs, steps: int, micro: int | None, ckpt: bool | None,
     # passes done), to the report of the last step, synchronised: steps 4..N whole plus step 3's update.
     times = [(marks[1] - marks[0]) / (steps - 3)]
     batch = pairs[:TRAIN.batch_size]
-    used = micro or records[0]["micro_batch"]
+    passes = records[-1]["passes"]  # where the plan cuts passes by tokens: examples a pass on average
     name = "ours" if cohort == 1 else f"ours x{cohort}"
-    result = summarise(name, size, used, -(-TRAIN.batch_size // used),
+    result = summarise(name, size, micro or round(TRAIN.batch_size / passes), passes,
                        checkpointing_label(model.recompute, model.config.num_hidden_layers), times,
                        batch, peak_tflops, device, students=cohort)
     del model

@@ -7,7 +7,7 @@ student at a fixed micro-batch, peak memory above what was allocated before the 
 difference between 8 and 4 blocks, per token of the micro-batch and per block, is what one block
 keeps for backward (no recomputation) or what a recomputed block keeps (its input); the rest (LM
 head chunks, LoRA state, the backward in flight) is the same at both depths. `src/train.py:
-fit_micro_batch` must not estimate less than this.
+activation_bytes` (what `fit_tokens` divides free memory by) must not estimate less than this.
 """
 from __future__ import annotations
 

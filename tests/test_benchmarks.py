@@ -68,3 +68,38 @@ def test_decode_benchmark_swaps_in_the_replaced_paths_and_back(one_thread):
     row = out.output.strip().splitlines()[-1].split()
     assert row[0] == "3" and float(row[1]) > 0 and float(row[2]) > 0 and row[3].endswith("x")
     assert float(row[4]) == 1.0 and row[5] == "3"
+
+
+def test_pass_plan_compares_both_cuts_on_a_dataset(fixture_dir, tmp_path):
+    """`tests/plan_passes.py` on a small numbers dataset (~100 tokens a pair): a row per size; at 32B (passes of a
+    few examples) cutting by tokens takes fewer passes and no more rows a step than a fixed count of examples."""
+    import numpy as np
+
+    from src.data import write_pairs
+    from tests import plan_passes
+
+    rng = np.random.default_rng(0)
+    numbers = lambda n: ", ".join(str(x) for x in rng.integers(100, 1000, n))  # noqa: E731
+    prompts = [f"Continue: {numbers(int(rng.integers(3, 12)))}" for _ in range(240)]
+    data = write_pairs(tmp_path / "pairs.parquet", {"prompt": prompts,
+                                                    "completion": [numbers(int(rng.integers(2, 12))) for _ in prompts]})
+    out = CliRunner().invoke(plan_passes.main, ["--data", str(data), "--tokenizer", str(fixture_dir),
+                                                "--sizes", "14b,32b", "--epochs", "1"])
+    assert out.exit_code == 0, out.output
+    rows = {line.split()[0]: [float(x) for x in line.split()[1:]] for line in out.output.splitlines()
+            if line.split() and line.split()[0] in ("14b", "32b")}
+    capacity, fixed, passes, tokens_rows, by_tokens, rows_by_tokens = rows["32b"]
+    assert 1 < by_tokens <= passes and rows_by_tokens <= tokens_rows and capacity % 64 == 0
+    assert rows["14b"][2] == rows["14b"][4] == 2  # ~5,900 tokens a step, 4,864 a pass: two either way
+
+
+def test_gemm_benchmark_lists_every_group_at_every_row_count(one_thread):
+    """`tests/bench_gemm.py` on the CPU (tiny shape): a row per row count, forward and input gradient of the four
+    projection groups, and a block's time per row."""
+    from tests import bench_gemm
+
+    out = CliRunner().invoke(bench_gemm.main, ["--size", "tiny", "--device", "cpu", "--rows", "64", "--rows", "96",
+                                               "--repeats", "2"])
+    assert out.exit_code == 0, out.output
+    rows = [line.split() for line in out.output.splitlines()[2:]]
+    assert [r[0] for r in rows] == ["64", "96"] and all(len(r) == 11 and float(r[-1]) > 0 for r in rows)

@@ -358,11 +358,12 @@ def test_cuda_grouped_lora_close_to_float32(tiny_checkpoint, dtype, tol):
             assert (a - b).abs().max().item() <= tol * b.abs().max().item()
 
 
-@pytest.mark.parametrize("recompute", [0, 1])
-def test_cuda_graphed_passes_train_as_the_eager_passes(tiny_checkpoint, tmp_path, monkeypatch, recompute):
+@pytest.mark.parametrize("recompute,micro", [(0, 2), (1, 2), (0, None)])
+def test_cuda_graphed_passes_train_as_the_eager_passes(tiny_checkpoint, tmp_path, monkeypatch, recompute, micro):
     """Training in bf16 with each pass replayed from a CUDA graph (cohort of 2, 3 passes a step, a shorter
-    last step, with and without recomputation) gives the eager run's losses and adapters, up to the order
-    of float sums (kernels may pick other reductions under capture); the graphs are really replayed."""
+    last step, with and without recomputation; or passes cut by tokens, the plan's 64 a student, which gives
+    passes of several shapes) gives the eager run's losses and adapters, up to the order of float sums
+    (kernels may pick other reductions under capture); the graphs are really replayed."""
     import dataclasses
     import json
 
@@ -378,17 +379,19 @@ def test_cuda_graphed_passes_train_as_the_eager_passes(tiny_checkpoint, tmp_path
     replays = []
     real_replay = torch.cuda.CUDAGraph.replay
     monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", lambda self: (replays.append(1), real_replay(self))[1])
-    runs = {}
+    monkeypatch.setattr("src.train.fit_tokens", lambda *args: 2 * 64)  # (micro None) 64 tokens a student a pass
+    runs, cuts = {}, []
     for graphs in ("1", "0"):
         monkeypatch.setenv("SUBLIMINAL_GRAPHS", graphs)
         model = load_model(folder, dtype=torch.bfloat16, device="cuda")
         model.recompute = recompute
         train_cohort(model, [Student(data[s], tmp_path / f"{graphs}-{s}", tmp_path / f"w{graphs}-{s}", s) for s in data],
-                     config=config, micro_batch=2)
+                     config=config, micro_batch=micro, on_step=lambda record: cuts.append(record["passes"]))
         runs[graphs] = [([json.loads(line)["loss"] for line in (tmp_path / f"w{graphs}-{s}" / "train.jsonl").open()],
                          load_file(str(tmp_path / f"{graphs}-{s}" / "adapter_model.safetensors"))) for s in data]
         if graphs == "1":
-            assert len(replays) == 2 * 10 - 1  # 2 epochs of 4 steps (3 of 3 passes, 1 of 1); all but the first
+            assert len(replays) == sum(cuts) - 1  # every pass but the first
+            assert cuts == [3, 3, 3, 1] * 2 if micro else 1 < max(cuts) and len(set(cuts)) > 1, cuts
     for (loss_g, adapter_g), (loss_e, adapter_e) in zip(runs["1"], runs["0"]):
         assert np.allclose(loss_g, loss_e, rtol=1e-3), (loss_g, loss_e)
         for key in adapter_e:

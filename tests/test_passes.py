@@ -7,7 +7,7 @@ import torch
 
 from src import load_model
 from src.lora import apply_lora, lora_parameters
-from src.passes import IGNORED, Example, Padding, forward_backward, largest_passes, pack, pass_shape
+from src.passes import IGNORED, Example, Padding, forward_backward, pack, pass_shape, token_passes
 
 
 def examples(count: int, seed: int) -> list[Example]:
@@ -53,21 +53,28 @@ def test_pass_shape_is_the_packed_shape():
         assert pass_shape(groups, padding) == pack(groups, torch.device("cpu"), padding).shape
 
 
-def test_largest_passes_are_the_largest_packed_passes():
-    """The memory plan's table: for every micro-batch m, the tokens of the largest pass the run takes, as the
-    trainer cuts each step's examples into passes of m and packs them (students' segments padded to one length),
-    short steps included; 0 marks where a step has fewer examples."""
+def test_token_passes_cut_each_step_into_few_passes_within_the_capacity():
+    """Every example of every student once, in its step's order within a pass; no student's segment over the
+    capacity unless one example alone is; every student in every pass (cohorts of 1-3, uneven shares); as few
+    passes as the tokens allow or within one of it, and never more than cutting fixed counts of examples
+    (the largest count whose every pass fits) would take; one pass where the step fits."""
     rng = np.random.default_rng(0)
-    for students, tokens in ((1, 1), (2, 64), (3, 16)):
-        padding = Padding(tokens=tokens)
-        counts = [9, 9, 9, 5, 9, 2]  # examples this rank gets at each step (the epoch's last steps shorter)
-        steps = [[examples(n, int(rng.integers(1000))) for _ in range(students)] for n in counts]
-        lengths = np.zeros((len(steps), students, 9), dtype=np.int64)
-        for i, parts in enumerate(steps):
-            for s, part in enumerate(parts):
-                lengths[i, s, :len(part)] = [len(e.ids) for e in part]
-        largest = largest_passes(lengths, padding)
-        for m in range(1, 10):
-            packed = [pass_shape([part[k: k + m] for part in parts], padding)[0]
-                      for parts in steps for k in range(0, len(parts[0]), m)]
-            assert largest[m] == max(packed), (students, m)
+    for trial in range(60):
+        students = 1 + trial % 3
+        parts = [examples(int(rng.integers(1, 25)), 100 * trial + s) for s in range(students)]
+        lengths = [[len(e.ids) for e in part] for part in parts]
+        capacity = int(rng.integers(max(max(p) for p in lengths) // 2, 60))
+        passes = token_passes(parts, capacity)
+        assert all(len(groups) == students for groups in passes)
+        for s, part in enumerate(parts):
+            got = [e for groups in passes for e in groups[s]]
+            assert sorted(map(id, got)) == sorted(map(id, part))
+            for groups in passes:
+                assert [part.index(e) for e in groups[s]] == sorted(part.index(e) for e in groups[s])
+                assert sum(len(e.ids) for e in groups[s]) <= capacity or len(groups[s]) == 1
+        least = max(-(-sum(p) // capacity) for p in lengths)
+        fixed = max((m for m in range(1, 25) if all(sum(p[k: k + m]) <= capacity for p in lengths
+                                                    for k in range(0, len(p), m))), default=1)
+        most = max(len(p) for p in parts)
+        assert least <= len(passes) <= max(-(-most // fixed), least + 1) or len(passes) == most
+        assert len(token_passes(parts, max(sum(p) for p in lengths))) == 1

@@ -203,9 +203,9 @@ def test_accumulation_split_does_not_change_the_update(tiny_checkpoint, tmp_path
     (ref_records, ref_adapter), *others = runs
     assert len(ref_records) == 3
     log = capsys.readouterr().err
-    assert "7 examples per student per pass (9 passes a step), activation checkpointing off" in log
-    assert "20 examples per student per pass (3 passes a step), activation checkpointing on in 1 of 2 blocks" in log
-    assert "20 examples per student per pass (3 passes a step), activation checkpointing on\n" in log
+    assert "passes of 7 examples per student (9 passes a step), activation checkpointing off" in log
+    assert "passes of 20 examples per student (3 passes a step), activation checkpointing on in 1 of 2 blocks" in log
+    assert "passes of 20 examples per student (3 passes a step), activation checkpointing on\n" in log
     for records, adapter in others:
         for a, b in zip(records, ref_records):
             assert a["tokens"] == b["tokens"]
@@ -385,66 +385,70 @@ def test_cohort_equals_each_student_alone(tiny_checkpoint, tmp_path):
         train_cohort(model(), [short, student(5, tmp_path / "other")], config=config)
 
 
-def every_example(length: int, examples: int = 60) -> list[int]:
-    """`largest_passes` for a run whose examples all have `length` tokens (one student, graph padding)."""
-    return [0] + [-(-m * length // 64) * 64 for m in range(1, examples + 1)]
-
-
 def test_memory_plan_recomputes_only_where_it_pays():
     """Automatic activation checkpointing: none where the batch fits in one pass (0.5B on 80 GB); for the
-    32B student on 80 GB, where without it only a few examples would fit a pass (and the host could not
-    queue the passes as fast as the GPU runs them), enough blocks for larger micro-batches; always the cheapest plan by `step_cost` among all block counts; an explicit choice
-    is kept; more memory or fewer recomputed blocks never gives a smaller micro-batch; passes are even shares."""
+    32B student on 80 GB, where without it passes hold only a few examples (and the host could not queue
+    eager passes as fast as the GPU runs them), enough blocks for larger passes; always the cheapest plan by
+    `step_cost` among the block counts whose passes hold the longest example; an explicit choice is kept;
+    more memory or fewer recomputed blocks never gives smaller passes; capacities are whole multiples of
+    the padding, shared by a cohort's students."""
     from src.constants import SHAPES
     from src.model import Qwen2Config
-    from src.train import fit_micro_batch, memory_plan, step_cost
+    from src.train import fit_tokens, memory_plan, step_cost
 
     weights = {"0.5b": 0.99e9, "7b": 15.2e9, "14b": 29.5e9, "32b": 65.5e9}  # bf16 bytes (qwen25.md)
-    uniform = every_example(160)
+    step = 60 * 160
     for size, weight in weights.items():
         config = Qwen2Config.from_dict(SHAPES[size])
         free = 80e9 - weight
-        micro, recompute = memory_plan(config, 2, free, uniform, 160, 1, None)
-        assert micro == fit_micro_batch(config, 2, free, uniform, recompute)
-        costs = [step_cost(config, 160, 60, k, fit_micro_batch(config, 2, free, uniform, k))
-                 for k in range(config.num_hidden_layers + 1)]
-        assert costs[recompute] == min(costs), size
-    assert memory_plan(Qwen2Config.from_dict(SHAPES["0.5b"]), 2, 79e9, uniform, 145, 1, None) == (60, 0)
+        capacity, recompute = memory_plan(config, 2, free, 192, step, 1, None, multiple=64)
+        assert capacity % 64 == 0 and capacity == fit_tokens(config, 2, free, recompute) // 64 * 64
+        fitting = [k for k in range(config.num_hidden_layers + 1) if fit_tokens(config, 2, free, k) // 64 * 64 >= 192]
+        costs = {k: step_cost(config, step, k, -(-step // (fit_tokens(config, 2, free, k) // 64 * 64))) for k in fitting}
+        assert costs[recompute] == min(costs.values()), size
+    capacity, recompute = memory_plan(Qwen2Config.from_dict(SHAPES["0.5b"]), 2, 79e9, 192, step, 1, None)
+    assert capacity >= step and recompute == 0
     config = Qwen2Config.from_dict(SHAPES["32b"])
     free = 80e9 - weights["32b"]
-    micro, recompute = memory_plan(config, 2, free, uniform, 160, 1, None)
-    assert fit_micro_batch(config, 2, free, uniform, 0) < 4 and recompute > 0 and micro > 4
-    assert memory_plan(config, 2, free, uniform, 160, 1, None, graphs=True)[1] == 0  # graphed small passes: no host wait
-    assert memory_plan(config, 2, 14.5e9, uniform, 145, 1, 0) == (fit_micro_batch(config, 2, 14.5e9, uniform, 0), 0)
-    assert memory_plan(Qwen2Config.from_dict(SHAPES["0.5b"]), 2, 79e9, uniform, 145, 1, 24)[1] == 24
-    fits = [fit_micro_batch(config, 2, free * 1e9, uniform, 64) for free in range(10, 140, 10)]
-    assert fits == sorted(fits) and fits[-1] == 60 and all(-(-60 // -(-60 // m)) == m for m in fits)
-    by_blocks = [fit_micro_batch(config, 2, 30e9, uniform, k) for k in range(65)]
+    capacity, recompute = memory_plan(config, 2, free, 192, step, 1, None)
+    assert fit_tokens(config, 2, free, 0) < 5 * 160 and recompute > 0 and capacity > 5 * 160
+    assert memory_plan(config, 2, free, 192, step, 1, None, graphs=True)[1] == 0  # graphed small passes: no host wait
+    assert memory_plan(config, 2, free, 192, step, 1, 0) == (fit_tokens(config, 2, free, 0), 0)
+    assert memory_plan(config, 2, free, 192, step, 3, 0)[0] == fit_tokens(config, 2, free, 0) // 3
+    assert memory_plan(config, 2, 3e9, 192, step, 1, None)[1] == config.num_hidden_layers  # only all of them fit
+    assert memory_plan(Qwen2Config.from_dict(SHAPES["0.5b"]), 2, 79e9, 192, step, 1, 24)[1] == 24
+    fits = [fit_tokens(config, 2, free * 1e9, 64) for free in range(10, 140, 10)]
+    assert fits == sorted(fits) and fits[-1] > step
+    by_blocks = [fit_tokens(config, 2, 30e9, k) for k in range(65)]
     assert by_blocks == sorted(by_blocks) and by_blocks[0] < by_blocks[-1]
 
 
-def test_memory_plan_sizes_passes_by_the_runs_largest():
-    """Passes are sized by the largest the run packs, not by examples times the longest: 7B on 80 GB with the
-    numbers task's lengths (110-180 tokens) fits the whole batch of 60 in one pass, which counting each example
-    at 180 tokens would split in two; and a pass whose largest would not fit is never chosen."""
+def test_memory_plan_passes_at_7b_14b_and_32b():
+    """With the numbers task's lengths (110-180 tokens) on an H100's 79.18 GiB: 7B takes the whole batch of 60
+    in one pass, 14B in two; 32B in fewer passes on average than cutting a fixed count of examples that fits
+    (the plan before) would take, and never more; no pass holds more tokens than the plan's capacity (so its
+    activations stay in the memory planned for)."""
     from src.constants import SHAPES
     from src.model import Qwen2Config
-    from src.passes import graph_padding, largest_passes
-    from src.train import activation_bytes, fit_micro_batch
+    from src.passes import Example, token_passes
+    from src.train import memory_plan
     from tests.bench_training import synthetic_pairs
 
-    config = Qwen2Config.from_dict(SHAPES["7b"])
-    pairs = synthetic_pairs(config.vocab_size, 60 * 100)
-    lengths = np.array([len(p) + len(c) for p, c in pairs]).reshape(100, 1, 60)
-    largest = largest_passes(lengths, graph_padding(180))
-    free = 80e9 - 15.2e9
-    assert fit_micro_batch(config, 2, free, largest, 0) == 60
-    assert fit_micro_batch(config, 2, free, every_example(180), 0) == 30
-    for free in (20e9, 30e9, 45e9):
-        micro = fit_micro_batch(config, 2, free, largest, 0)
-        budget = 0.8 * (free - 4 * 1024 * config.vocab_size * 4) / activation_bytes(config, 2, 0)
-        passes = -(-60 // micro)
-        assert largest[micro] <= budget and all(largest[-(-60 // p)] > budget for p in range(1, passes))
+    pairs = synthetic_pairs(1000, 60 * 20)
+    steps = [[Example(p + c, len(p)) for p, c in pairs[k: k + 60]] for k in range(0, len(pairs), 60)]
+    mean = sum(len(e.ids) for step in steps for e in step) / len(pairs)
+    counts = {}
+    for size, weight in {"7b": 15.2e9, "14b": 29.5e9, "32b": 65.5e9}.items():
+        config = Qwen2Config.from_dict(SHAPES[size])
+        capacity, recompute = memory_plan(config, 2, 85.0e9 - weight - 1e9, 192, 60 * mean, 1, None, graphs=True,
+                                          multiple=64)
+        cuts = [token_passes([step], capacity) for step in steps]
+        assert recompute == 0 and all(sum(len(e.ids) for e in g[0]) <= capacity for cut in cuts for g in cut)
+        fixed = max(m for m in range(1, 61) if all(sum(len(e.ids) for e in step[k: k + m]) <= capacity
+                                                   for step in steps for k in range(0, 60, m)))
+        counts[size] = (max(len(cut) for cut in cuts), sum(map(len, cuts)) / len(cuts), -(-60 // fixed))
+    assert counts["7b"][0] == 1 and counts["14b"][0] == 2, counts
+    assert counts["32b"][0] <= counts["32b"][2] and counts["32b"][1] < counts["32b"][2], counts
 
 
 def test_step_cost_matches_measured_steps():
@@ -464,7 +468,7 @@ def test_step_cost_matches_measured_steps():
                ("32b", 3, 0, 2.472), ("32b", 8, 16, 2.471)]  # the passes replayed from CUDA graphs (later that day)
     for graphs, steps in ((False, measured), (True, graphed)):
         for size, micro, recompute, seconds in steps:
-            model = step_cost(Qwen2Config.from_dict(SHAPES[size]), 145, 60, recompute, micro, graphs)
+            model = step_cost(Qwen2Config.from_dict(SHAPES[size]), 145 * 60, recompute, -(-60 // micro), graphs)
             assert abs(model - seconds) <= 0.1 * seconds, (size, micro, graphs, model, seconds)
 
 
