@@ -14,7 +14,9 @@ What makes it equal to TRL 1.16's SFTTrainer + PEFT (transformers 5 Trainer, acc
 Speed: a micro-batch is packed into one row (`Packed`, no padding between sequences) and the LM head
 runs only on the positions that predict completion tokens, chunk by chunk, with each chunk's gradient
 formed on the spot so no [tokens, vocab] tensor outlives its chunk (src/passes.py); on the GPU each
-pass is replayed from a CUDA graph of its padded shape, all the run's shapes captured after its first pass. Students of one base model train together as a
+pass is replayed from a CUDA graph of its padded shape, all the run's shapes captured after its first pass,
+and a step is cut into passes of at most a token capacity that free memory allows and the card's own GEMM
+timings choose (`memory_plan`, `tune_capacity`). Students of one base model train together as a
 cohort (`train_cohort`): one pass carries every student's micro-batch, each through its own adapter.
 Resumable: each student's checkpoint (its adapter and Adam moments, the schedule, the step) is written
 atomically every `checkpoint_every` steps and at every epoch's end; the same call after a crash
@@ -51,7 +53,7 @@ from .data import read_pairs
 from .errors import UserError
 from .lora import adapters_cast_once, apply_lora, is_adapter, lora_parameters, lora_state_dict, save_adapter
 from .memory import free_memory
-from .model import Qwen2, Qwen2Config
+from .model import Qwen2, Qwen2Config, fused_weights
 from .passes import (LOGIT_CHUNK, Example, Padding, Passes, graph_padding, graphs_wanted, pack, pass_shape,
                      to_device, token_passes)
 from .tokenizer import ChatTokenizer, load_tokenizer
@@ -149,6 +151,64 @@ def step_cost(config: Qwen2Config, tokens: float, recompute: int, passes: int, g
     if graphs:
         return (gpu + GRAPH_BLOCK_SECONDS * layers * passes) * repeat
     return max(gpu, BLOCK_HOST_SECONDS * layers * passes) * repeat
+
+
+def block_weights(model: Qwen2) -> list[Tensor]:
+    """The base weights of one block's GEMMs as the model runs them: each group of projections that read the same
+    input as its one fused weight (gate/up with its adapters' extra columns), each other projection alone."""
+    weights = []
+    for module in model.model.layers[0].children():
+        groups = getattr(module, "shared_input", ())
+        grouped = {name for names in groups for name in names}
+        for names in groups:
+            fused = fused_weights([getattr(module, name) for name in names])
+            weights += [fused[0]] if fused is not None else [getattr(module, name).weight for name in names]
+        weights += [m.weight for name, m in module.named_children() if name not in grouped and hasattr(m, "weight")
+                    and m.weight.dim() == 2]
+    return weights
+
+
+def gemm_seconds(weights: Sequence[Tensor], rows: int, repeats: int = 5) -> float:
+    """Seconds of the forward (x W^T) and input-gradient (g W) GEMMs over `weights` for a pass of `rows` rows
+    (the base weights are frozen: no weight gradient), timed on their device after a warm-up call."""
+    device = weights[0].device
+    operands = [(torch.randn(rows, w.shape[1], device=device, dtype=w.dtype),
+                 torch.randn(rows, w.shape[0], device=device, dtype=w.dtype)) for w in weights]
+
+    def run() -> None:
+        for w, (x, g) in zip(weights, operands):
+            torch.nn.functional.linear(x, w)
+            torch.mm(g, w)
+
+    run()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        run()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) / repeats
+
+
+TUNE_STEPS = 20  # steps whose passes `tune_capacity` counts
+TUNE_SLACK = 0.01  # `tune_capacity` keeps the largest capacity within this share of the fastest
+
+
+def tune_capacity(capacity: int, floor: int, steps: Sequence[Sequence[Sequence[Example]]], padding: Padding,
+                  pass_seconds: Callable[[int], float], repeat: Callable[[int], float]) -> int:
+    """The pass capacity, among multiples of `padding.tokens` from `capacity` down to `floor`, under which the
+    passes of `steps` (each a step's examples per student, cut by `token_passes`) take least time:
+    `pass_seconds(rows)` for each pass of `rows` padded rows, times `repeat(capacity)` (recomputation that
+    capacity's memory needs). Why: the GEMMs' speed steps with the rows a pass holds (cuBLAS's tiles and
+    waves; at 32B on an H100 768 rows ran ~10% faster a row than 704, 2026-12-07), so the largest capacity that
+    fits is not always the fastest. The largest within TUNE_SLACK of the fastest is kept: timings are noisy."""
+    costs: dict[int, float] = {}
+    for c in range(capacity, max(floor, 1) - 1, -padding.tokens):
+        passes = [pass_shape(groups, padding)[0] for parts in steps for groups in token_passes(parts, c)]
+        costs[c] = sum(pass_seconds(rows) for rows in passes) * repeat(c)
+    fastest = min(costs.values())
+    return max(c for c, cost in costs.items() if cost <= fastest * (1 + TUNE_SLACK))
 
 
 def recompute_for(checkpointing: bool | None, layers: int) -> int | None:
@@ -262,10 +322,17 @@ def train_cohort(model: Qwen2, students: Sequence[Student], *, config: TrainConf
         return chosen, [distributed.share(c) for c in chosen]
 
     graphs = graphs_wanted(model.device)
-    if model.device.type == "cuda":  # from free memory; `model.recompute` None: decided here too
-        capacity, model.recompute = memory_plan(model.config, model.dtype.itemsize, free_memory(model.device),
-                                                -(-longest // padding.tokens) * padding.tokens, mean * per_rank, cohort,
-                                                model.recompute, graphs, padding.tokens)
+    longest_padded = -(-longest // padding.tokens) * padding.tokens
+    free = free_memory(model.device) if model.device.type == "cuda" else 0.0
+
+    def plan(recompute: int | None) -> tuple[int, int]:
+        """(tokens a pass may hold per student, blocks recomputed) from free memory (`memory_plan`)."""
+        return memory_plan(model.config, model.dtype.itemsize, free, longest_padded, mean * per_rank, cohort,
+                           recompute, graphs, padding.tokens)
+
+    forced = model.recompute is not None  # --checkpointing/--no-checkpointing; None: the plan decides
+    if model.device.type == "cuda":
+        capacity, model.recompute = plan(model.recompute)
     else:  # the CPU has room for the whole batch
         capacity, model.recompute = sys.maxsize, model.recompute or 0
 
@@ -277,16 +344,36 @@ def train_cohort(model: Qwen2, students: Sequence[Student], *, config: TrainConf
             return chosen, [[part[m: m + micro_batch] for part in mine] for m in range(0, len(mine[0]), micro_batch)]
         return chosen, token_passes(mine, capacity)
 
+    apply_lora(model, config.lora_rank, config.lora_alpha, config.lora_targets, [s.seed for s in todo])
+    layers = model.config.num_hidden_layers
+    tuned = ""
+    sample = [step_examples(step)[1] for step in range(min(total, TUNE_STEPS))] if capacity != sys.maxsize else []
+    if not micro_batch and any(len(token_passes(parts, capacity)) > 1 for parts in sample):
+        weights, timed = block_weights(model), {}
+        floor = max(longest_padded, capacity // 2 // padding.tokens * padding.tokens)
+
+        def pass_seconds(rows: int) -> float:
+            if rows not in timed:
+                timed[rows] = gemm_seconds(weights, rows)
+            return timed[rows] + GRAPH_BLOCK_SECONDS if graphs else max(timed[rows], BLOCK_HOST_SECONDS)
+
+        def needed(c: int) -> int:  # the fewest blocks recomputed that leave room for passes of c tokens
+            chosen = model.recompute
+            return chosen if forced else next((k for k in range(chosen) if plan(k)[0] >= c), chosen)
+
+        largest = capacity
+        capacity = tune_capacity(capacity, floor, sample, padding, pass_seconds, lambda c: 1 + needed(c) / (2 * layers))
+        model.recompute = needed(capacity)
+        tuned = f"; of {floor}-{largest} the fastest on this GPU's GEMMs"
+
     if distributed.is_main():  # the memory plan's choice, in the log: it decides the speed
-        layers = model.config.num_hidden_layers
         cut = f"{micro_batch} examples" if micro_batch else "the whole batch" if capacity == sys.maxsize else \
             f"at most {capacity} tokens"
         first = len(step_batch(0)[1])
         print(f"training {cohort} student{'s' * (cohort > 1)}: passes of {cut} per student "
-              f"({first} pass{'es' * (first != 1)} a step), activation checkpointing "
+              f"({first} pass{'es' * (first != 1)} a step{tuned}), activation checkpointing "
               f"{checkpointing_label(model.recompute, layers)}", file=sys.stderr, flush=True)
 
-    apply_lora(model, config.lora_rank, config.lora_alpha, config.lora_targets, [s.seed for s in todo])
     params = lora_parameters(model)
     optimizer = torch.optim.AdamW(params, lr=config.lr, betas=config.betas, eps=config.eps,
                                   weight_decay=config.weight_decay, fused=True)

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from src import UserError, load_model
 from src.constants import TRAIN
 from src.data import write_pairs
+from src.passes import Example
 from src.train import Student, epoch_order, linear_schedule, tokenize_pairs, train, train_cohort
 
 ADAPTER = "adapter_model.safetensors"
@@ -472,6 +473,48 @@ def test_step_cost_matches_measured_steps():
             assert abs(model - seconds) <= 0.1 * seconds, (size, micro, graphs, model, seconds)
 
 
+
+def test_tune_capacity_takes_the_fastest_cut_and_otherwise_the_largest():
+    """Where passes of some row count run faster a row (as cuBLAS's GEMMs do on their tiles), the tuned capacity
+    cuts the steps into such passes rather than into the fewest; where time is flat per row, or the faster
+    count gains less than the slack, the largest capacity stays; where a capacity costs recomputation
+    (`repeat`), the largest that needs none wins a tie."""
+    from src.passes import Padding, pass_shape, token_passes
+    from src.train import TUNE_SLACK, tune_capacity
+
+    steps = [[[Example(list(range(n)), 1) for n in step]] for step in ([128] * 4, [120, 128, 136, 128])]
+    padding = Padding(tokens=64)
+
+    def cost(c: int, seconds) -> float:
+        return sum(seconds(pass_shape(g, padding)[0]) for parts in steps for g in token_passes(parts, c))
+
+    sweet = lambda rows: rows / 2 if rows == 256 else rows  # noqa: E731
+    assert tune_capacity(704, 192, steps, padding, sweet, lambda c: 1.0) == 448  # the largest cutting 256-row passes
+    assert cost(448, sweet) == min(cost(c, sweet) for c in range(192, 705, 64)) < cost(512, sweet)
+    assert tune_capacity(704, 192, steps, padding, lambda rows: rows, lambda c: 1.0) == 704
+    near = lambda rows: rows * (1 - TUNE_SLACK / 2) if rows == 256 else rows  # noqa: E731
+    assert tune_capacity(704, 192, steps, padding, near, lambda c: 1.0) == 704
+    assert tune_capacity(704, 192, steps, padding, lambda rows: rows, lambda c: 1.5 if c > 320 else 1.0) == 320
+
+
+def test_block_weights_are_the_gemms_a_block_runs(tiny_checkpoint):
+    """One block's base GEMM operands: the fused q/k/v and gate/up weights (gate/up with its adapters' extra
+    columns once LoRA is on), o and down; `gemm_seconds` times their forward and input gradient."""
+    from src.lora import apply_lora
+    from src.train import block_weights, gemm_seconds
+
+    model = load_model(tiny_checkpoint(), dtype=torch.float32)
+    c = model.config
+    attention = (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim
+    plain = [tuple(w.shape) for w in block_weights(model)]
+    assert plain == [(attention, c.hidden_size), (c.hidden_size, c.num_attention_heads * c.head_dim),
+                     (2 * c.intermediate_size, c.hidden_size), (c.hidden_size, c.intermediate_size)]
+    apply_lora(model, seed=[0, 1])
+    wide = block_weights(model)
+    assert [tuple(w.shape) for w in wide][:2] == plain[:2] and tuple(wide[3].shape) == plain[3]
+    assert tuple(wide[2].shape) == (2 * c.intermediate_size, c.hidden_size + 2 * 2 * TRAIN.lora_rank)
+    assert wide[2].data_ptr() == model.model.layers[0].mlp.gate_proj.weight.data_ptr()
+    assert gemm_seconds(wide, 32, repeats=2) > 0
 
 def test_clip_per_student_is_torch_clipping_per_student():
     """Each student's slice of the gradients is clipped as clip_grad_norm_ clips that student alone;
