@@ -103,3 +103,18 @@ def test_gemm_benchmark_lists_every_group_at_every_row_count(one_thread):
     assert out.exit_code == 0, out.output
     rows = [line.split() for line in out.output.splitlines()[2:]]
     assert [r[0] for r in rows] == ["64", "96"] and all(len(r) == 11 and float(r[-1]) > 0 for r in rows)
+
+
+def test_decode_step_profile_runs_with_every_slot_held(one_thread, capsys):
+    """`tests/profile_sampling.py --step-kernels` on the CPU (tiny shape, no graph): every slot held, the step timed,
+    its operators listed, most time first."""
+    from tests import profile_sampling
+
+    model = random_model(Qwen2Config.from_dict(bench_training.TINY), dtype=torch.float32)
+    prompts = [[5 + i, 6, 7, 8, 9] for i in range(3)]
+    profile_sampling.decode_step(model, prompts, new_tokens=4, rows=5, steps=2)
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("decode step, 3 slots held: eager") and float(lines[0].split()[6]) > 0
+    times = [float(line.split()[0]) for line in lines[2:]]
+    assert len(times) == 5 and times == sorted(times, reverse=True) and times[0] > 0
+
