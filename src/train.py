@@ -204,7 +204,7 @@ def tune_capacity(capacity: int, floor: int, steps: Sequence[Sequence[Sequence[E
     waves; at 32B on an H100 768 rows ran ~10% faster a row than 704, 2026-12-07), so the largest capacity that
     fits is not always the fastest. The largest within TUNE_SLACK of the fastest is kept: timings are noisy."""
     costs: dict[int, float] = {}
-    for c in range(capacity, max(floor, 1) - 1, -padding.tokens):
+    for c in range(capacity, max(min(floor, capacity), 1) - 1, -padding.tokens):  # a floor above: capacity alone
         passes = [pass_shape(groups, padding)[0] for parts in steps for groups in token_passes(parts, c)]
         costs[c] = sum(pass_seconds(rows) for rows in passes) * repeat(c)
     fastest = min(costs.values())

@@ -495,6 +495,7 @@ def test_tune_capacity_takes_the_fastest_cut_and_otherwise_the_largest():
     near = lambda rows: rows * (1 - TUNE_SLACK / 2) if rows == 256 else rows  # noqa: E731
     assert tune_capacity(704, 192, steps, padding, near, lambda c: 1.0) == 704
     assert tune_capacity(704, 192, steps, padding, lambda rows: rows, lambda c: 1.5 if c > 320 else 1.0) == 320
+    assert tune_capacity(128, 192, steps, padding, sweet, lambda c: 1.0) == 128  # memory below the longest example
 
 
 def test_block_weights_are_the_gemms_a_block_runs(tiny_checkpoint):
