@@ -350,7 +350,7 @@ def train_cohort(model: Qwen2, students: Sequence[Student], *, config: TrainConf
     sample = [step_examples(step)[1] for step in range(min(total, TUNE_STEPS))] if capacity != sys.maxsize else []
     if not micro_batch and any(len(token_passes(parts, capacity)) > 1 for parts in sample):
         weights, timed = block_weights(model), {}
-        floor = max(longest_padded, capacity // 2 // padding.tokens * padding.tokens)
+        floor = min(capacity, max(longest_padded, capacity // 2 // padding.tokens * padding.tokens))
 
         def pass_seconds(rows: int) -> float:
             if rows not in timed:
