@@ -11,9 +11,11 @@ change them.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -302,6 +304,21 @@ def _bucket(n: int) -> int:
     return power * 3 // 4 if n <= power * 3 // 4 else power
 
 
+def _inputs(prompts: Sequence[Sequence[int]], home: Sequence[int], rows: int, width: int, spare: int) -> np.ndarray:
+    """A prefill's static input [rows, width + 2] int64, built on the host in a few numpy calls (a tensor per
+    prompt cost ~15 ms at 256 prompts): each prompt's ids (zeros after it), its slot, its last position; rows
+    past the prompts compute into slot `spare`."""
+    lengths = np.fromiter(map(len, prompts), np.int64, len(prompts))
+    out = np.zeros((rows, width + 2), np.int64)
+    ids = out[: len(prompts), :width]
+    ids[np.arange(width) < lengths[:, None]] = np.fromiter(itertools.chain.from_iterable(prompts), np.int64,
+                                                            int(lengths.sum()))
+    out[:, -2] = spare
+    out[: len(prompts), -2] = home
+    out[: len(prompts), -1] = lengths - 1
+    return out
+
+
 class _Prefill:
     """New prompts run into their cache slots, returning each prompt's last-token logits.
 
@@ -358,11 +375,7 @@ class _Prefill:
         if self.pad:
             rows = min(_bucket(n), self.cache.k.shape[1] - 1)
             width = min(-(-width // PREFILL_ROUND) * PREFILL_ROUND, self.cache.max_len)
-        inputs = torch.zeros(rows, width + 2, dtype=torch.long)  # built on the host, copied once
-        inputs[:, -2] = self.cache.k.shape[1] - 1  # padding rows: the spare slot
-        for j, p in enumerate(distinct):
-            inputs[j, : len(p)] = torch.tensor(p)
-            inputs[j, -2:] = torch.tensor([home[j], len(p) - 1])
+        inputs = torch.from_numpy(_inputs(distinct, home, rows, width, self.cache.k.shape[1] - 1))
         if self.graphs:
             if (rows, width) not in self.shapes:
                 self.shapes[rows, width] = self._graph(rows, width)
