@@ -6,6 +6,7 @@ Triton is installed), so the arithmetic is checked in CI too.
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import torch
@@ -242,11 +243,15 @@ def test_varlen_attention(dtype, tol, heads, kv_heads, dim):
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), pytest.param(torch.bfloat16, 1e-2, marks=ON_GPU)])
 @pytest.mark.parametrize("heads,kv_heads,dim", [(14, 2, 64), (5, 1, 8), (4, 4, 24)])
 @pytest.mark.parametrize("arranged", [False, True])
-def test_cached_attention(dtype, tol, heads, kv_heads, dim, arranged):
+@pytest.mark.parametrize("crowded", [False, True])
+def test_cached_attention(dtype, tol, heads, kv_heads, dim, arranged, crowded, monkeypatch):
     """Queries at their positions attend over their cache slot up to their own position, against SDPA over
     the whole cache with that mask in float64: one query a slot (decoding; positions 0, within the first
     key block, across blocks, the cache's last row) and three a slot (the evaluator), slots in order or
-    arranged; stale entries past a position must not count."""
+    arranged; stale entries past a position must not count. Both launch shapes (`crowded`: as with many
+    programs to an SM, keys 32 at a time)."""
+    monkeypatch.setattr(sys.modules[cached_attention.__module__], "_multiprocessors",
+                        lambda device: 1 if crowded else 10**6)
     torch.manual_seed(9)
     slots_n, length = 6, 150
     k_cache, v_cache = (torch.randn(slots_n, kv_heads, length, dim, device=DEVICE).to(dtype) for _ in range(2))
