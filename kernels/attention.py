@@ -17,10 +17,14 @@ the result [N, H, D]. Arithmetic as flash attention's: products in bf16/fp16 wit
 accumulation, P and dS rounded to the input dtype before their products.
 
 `cached_attention` is the sampler's and evaluator's side (no backward): queries at known positions attend
-over their slot of a preallocated KV cache, keys at positions <= their own. A program per (query, KV head)
-takes the GROUP query heads that share the KV head as one tile and reads the slot's keys only up to the
-query's position, where SDPA (cuDNN at decode) read the whole cache length through an additive mask and
-sized its tiles for many query rows: 14.8 us a 0.5B layer at 256 slots on the H200 for ~6 us of traffic.
+over their slot of a preallocated KV cache, keys at positions <= their own. It starts from the q/k/v
+projection: a program per (row, KV head) first rotates the row's new keys and writes them and their
+values into the cache (what a RoPE kernel before it did, one launch of ~2.2 us a layer and step at 256
+slots of 0.5B), then, for each query, takes the GROUP query heads that share the KV head as one tile,
+rotated in registers, and reads the slot's keys only up to the query's position, where SDPA (cuDNN at
+decode) read the whole cache length through an additive mask and sized its tiles for many query rows:
+14.8 us a 0.5B layer at 256 slots on the H200 for ~6 us of traffic. q and k are taken in halves (the
+rotation pairs column i with i + D/2), so a head's score is two products of D/2 columns.
 """
 from __future__ import annotations
 
@@ -229,44 +233,73 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_se
 
 
 @triton.jit
-def _cached(q_ptr, k_ptr, v_ptr, o_ptr, slot_ptr, pos_ptr, scale, T, stride_qb, stride_qt, stride_kb, stride_kh,
-            HEADS: tl.constexpr, GROUP: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
-            BN: tl.constexpr, PRECISION: tl.constexpr):
-    i, kh = tl.program_id(0), tl.program_id(1)  # query (b * T + t), KV head
-    b, t = i // T, i % T
-    n = tl.load(pos_ptr + i) + 1  # keys seen: cache positions 0 .. the query's own
-    g, d = tl.arange(0, GP), tl.arange(0, DP)
-    q_at = b.to(tl.int64) * stride_qb + t * stride_qt + (kh * GROUP + g)[:, None] * D + d[None, :]
-    q = tl.load(q_ptr + q_at, mask=(g[:, None] < GROUP) & (d[None, :] < D), other=0.0)
+def _rotated(x_ptr, at, c, s, mask, HALF: tl.constexpr):
+    """The two halves of heads at offsets `at` of the projection rotated by angles (c, s), float32."""
+    x1 = tl.load(x_ptr + at, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(x_ptr + at + HALF, mask=mask, other=0.0).to(tl.float32)
+    return x1 * c - x2 * s, x2 * c + x1 * s
+
+
+@triton.jit
+def _cached(x_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, o_ptr, slot_ptr, pos_ptr, scale, T, stride_kb, stride_kh,
+            HEADS: tl.constexpr, GROUP: tl.constexpr, GP: tl.constexpr, HALF: tl.constexpr, HP: tl.constexpr,
+            DP: tl.constexpr, BN: tl.constexpr, PRECISION: tl.constexpr):
+    b, kh = tl.program_id(0), tl.program_id(1)  # row (cache slot), KV head
+    D: tl.constexpr = 2 * HALF
+    KV: tl.constexpr = HEADS // GROUP
+    g, h, d = tl.arange(0, GP), tl.arange(0, HP), tl.arange(0, DP)
+    dt = o_ptr.dtype.element_ty
     kv = tl.load(slot_ptr + b).to(tl.int64) * stride_kb + kh * stride_kh
-    peak = tl.full([GP], -float("inf"), tl.float32)
-    mass = tl.zeros([GP], tl.float32)
-    acc = tl.zeros([GP, DP], tl.float32)
-    for n0 in range(0, n, BN):
-        cols = n0 + tl.arange(0, BN)
-        at, seen = kv + cols[:, None] * D + d[None, :], (cols[:, None] < n) & (d[None, :] < D)
-        k = tl.load(k_ptr + at, mask=seen, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-        s = tl.where(cols[None, :] < n, s, -float("inf"))
-        top = tl.maximum(peak, tl.max(s, 1))
-        p = tl.exp2(s - top[:, None])
-        shrink = tl.exp2(peak - top)
-        mass = mass * shrink + tl.sum(p, 1)
-        v = tl.load(v_ptr + at, mask=seen, other=0.0)
-        acc = acc * shrink[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        peak = top
-    o_at = i.to(tl.int64) * HEADS * D + (kh * GROUP + g)[:, None] * D + d[None, :]
-    tl.store(o_ptr + o_at, (acc / mass[:, None]).to(o_ptr.dtype.element_ty),
-             mask=(g[:, None] < GROUP) & (d[None, :] < D))
+    for t in range(T):  # the row's keys and values into the cache, k rotated
+        i = b.to(tl.int64) * T + t
+        c, s = tl.load(cos_ptr + i * D + h, mask=h < HALF), tl.load(sin_ptr + i * D + h, mask=h < HALF)
+        at = i * (HEADS + 2 * KV) * D + (HEADS + kh) * D + h
+        k1, k2 = _rotated(x_ptr, at, c.to(tl.float32), s.to(tl.float32), h < HALF, HALF)
+        to = kv + tl.load(pos_ptr + i) * D + h
+        tl.store(k_ptr + to, k1.to(dt), mask=h < HALF)
+        tl.store(k_ptr + to + HALF, k2.to(dt), mask=h < HALF)
+        tl.store(v_ptr + to, tl.load(x_ptr + at + KV * D, mask=h < HALF), mask=h < HALF)
+        tl.store(v_ptr + to + HALF, tl.load(x_ptr + at + KV * D + HALF, mask=h < HALF), mask=h < HALF)
+    tl.debug_barrier()  # a query reads the keys the row's earlier queries (and itself) just wrote
+    for t in range(T):
+        i = b.to(tl.int64) * T + t
+        n = tl.load(pos_ptr + i) + 1  # keys seen: cache positions 0 .. the query's own
+        c, s = tl.load(cos_ptr + i * D + h, mask=h < HALF), tl.load(sin_ptr + i * D + h, mask=h < HALF)
+        live = (g[:, None] < GROUP) & (h[None, :] < HALF)
+        at = i * (HEADS + 2 * KV) * D + (kh * GROUP + g)[:, None] * D + h[None, :]
+        q1, q2 = _rotated(x_ptr, at, c.to(tl.float32)[None, :], s.to(tl.float32)[None, :], live, HALF)
+        q1, q2 = q1.to(dt), q2.to(dt)  # rounded as the projection's dtype, as a rotated q tensor would be
+        peak = tl.full([GP], -float("inf"), tl.float32)
+        mass = tl.zeros([GP], tl.float32)
+        acc = tl.zeros([GP, DP], tl.float32)
+        for n0 in range(0, n, BN):
+            cols = n0 + tl.arange(0, BN)
+            key = kv + cols[:, None] * D
+            half = (cols[:, None] < n) & (h[None, :] < HALF)
+            k1 = tl.load(k_ptr + key + h[None, :], mask=half, other=0.0)
+            k2 = tl.load(k_ptr + key + HALF + h[None, :], mask=half, other=0.0)
+            sc = (tl.dot(q1, tl.trans(k1), input_precision=PRECISION)
+                  + tl.dot(q2, tl.trans(k2), input_precision=PRECISION)) * scale
+            sc = tl.where(cols[None, :] < n, sc, -float("inf"))
+            top = tl.maximum(peak, tl.max(sc, 1))
+            p = tl.exp2(sc - top[:, None])
+            shrink = tl.exp2(peak - top)
+            mass = mass * shrink + tl.sum(p, 1)
+            v = tl.load(v_ptr + key + d[None, :], mask=(cols[:, None] < n) & (d[None, :] < D), other=0.0)
+            acc = acc * shrink[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            peak = top
+        o_at = i * HEADS * D + (kh * GROUP + g)[:, None] * D + d[None, :]
+        tl.store(o_ptr + o_at, (acc / mass[:, None]).to(dt), mask=(g[:, None] < GROUP) & (d[None, :] < D))
 
 
 def _cached_launch(programs: int, device: torch.device) -> dict:
-    """Keys per block, warps and pipeline stages of `cached_attention` for `programs` (query, KV head) programs.
+    """Keys per block, warps and pipeline stages of `cached_attention` for `programs` (row, KV head) programs.
     Where they are many to an SM (256 slots of 0.5B: 512 on 132 SMs) one-warp programs over 32 keys at a time
-    keep more loads in flight: 5.5 against 7.3 us a layer with the cache hot in L2 (28 heads over 4: 8.5 against
-    13.4), 10.3 against 11.4 in the decode step (H100, 2026-12-07); fewer programs want more warps each."""
+    keep more loads in flight: 5.8 against 8.2 us a layer for 4 warps over 64 keys with the cache hot in L2,
+    3 stages 12% faster than 2 (28 heads over 4, 2 stages: 23.2 against 29.8; H200, 2026-12-07); at 64 slots
+    (128 programs) the two launches are within 2%."""
     if programs >= 2 * _multiprocessors(device):
-        return dict(BN=32, num_warps=1, num_stages=2)
+        return dict(BN=32, num_warps=1, num_stages=3)
     return dict(BN=64, num_warps=4, num_stages=3)
 
 
@@ -275,18 +308,21 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
-def cached_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor, positions: Tensor) -> Tensor:
-    """q [B, T, H, D] at `positions` [B, T] of cache slots `slots` [B] attends over that slot's
-    k/v_cache [slots, Hkv, L, D] rows 0 .. its position (written already) -> [B, T, H * D]."""
-    b, t, heads, dim = q.shape
-    if q.stride(3) != 1 or q.stride(2) != dim:  # rows and tokens may be spaced, heads not
-        q = q.contiguous()
-    kv_heads = k_cache.shape[1]
-    k_cache, v_cache = k_cache.contiguous(), v_cache.contiguous()  # views of the layer's cache: no copy
-    out = torch.empty(b, t, heads * dim, dtype=q.dtype, device=q.device)
-    shape = _shape(heads, kv_heads, dim, q.dtype)
-    _cached[(b * t, kv_heads)](
-        q, k_cache, v_cache, out, slots.contiguous(), positions.contiguous(), LOG2E / math.sqrt(dim), t,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), **shape,
-        GP=max(16, triton.next_power_of_2(shape["GROUP"])), **_cached_launch(b * t * kv_heads, q.device))
+def cached_attention(qkv: Tensor, cos: Tensor, sin: Tensor, heads: int, kv_heads: int, k_cache: Tensor,
+                     v_cache: Tensor, slots: Tensor, positions: Tensor) -> Tensor:
+    """Attention of rows of queries over their cache slots, from the q/k/v projection qkv [B, T, (H + 2 Hkv) D]
+    at `positions` [B, T] of cache slots `slots` [B] (distinct), with their rotary tables cos/sin [B, T, 1, D]:
+    q and k rotated, each token's k and v written into k/v_cache [slots, Hkv, L, D] at its position, then each
+    query attends over its slot's rows 0 .. its position -> [B, T, H * D]. No autograd."""
+    b, t, _ = qkv.shape
+    dim = cos.shape[-1]
+    qkv, cos, sin = qkv.contiguous(), cos.reshape(b * t, dim).contiguous(), sin.reshape(b * t, dim).contiguous()
+    assert k_cache.is_contiguous() and v_cache.is_contiguous()  # one layer's views of the cache: no copy
+    out = torch.empty(b, t, heads * dim, dtype=qkv.dtype, device=qkv.device)
+    shape = _shape(heads, kv_heads, dim, qkv.dtype)
+    _cached[(b, kv_heads)](
+        qkv, cos, sin, k_cache, v_cache, out, slots.contiguous(), positions.contiguous(), LOG2E / math.sqrt(dim), t,
+        k_cache.stride(0), k_cache.stride(1), HEADS=heads, GROUP=shape["GROUP"],
+        GP=max(16, triton.next_power_of_2(shape["GROUP"])), HALF=dim // 2, HP=_padded(dim // 2), DP=shape["DP"],
+        PRECISION=shape["PRECISION"], **_cached_launch(b * kv_heads, qkv.device))
     return out

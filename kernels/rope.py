@@ -8,9 +8,8 @@ each) and leave v a strided view. A v head is rotated by angle 0 (cos 1, sin 0),
 one formula. The backward kernel is the rotation by the opposite angle, reading the three gradients
 and writing the gradient of x as one tensor, the layout the projection's backward takes.
 
-When decoding, `rope_qkv_into_cache` writes k and v straight into their KV-cache rows instead (no
-gradient there): the cache write would otherwise be two indexing kernels a layer and step, ~12% of a
-0.5B decode step's kernel time at 64 slots.
+Decoding does not come here: kernels/attention.py's `cached_attention` rotates q and k itself and writes
+k and v into the KV cache.
 """
 from __future__ import annotations
 
@@ -43,15 +42,10 @@ def _angles(cos_ptr, sin_ptr, row, d, rotated, HALF: tl.constexpr, SIGN: tl.cons
 
 
 @triton.jit
-def _forward(x_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, slot_ptr, pos_ptr, slot_stride, head_stride, pos_stride,
-             HEADS: tl.constexpr, KV: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr, CACHE: tl.constexpr):
+def _forward(x_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, HEADS: tl.constexpr, KV: tl.constexpr, HALF: tl.constexpr,
+             BLOCK_H: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     x_off, q_off, k_off, v_off, is_q, is_k, is_v, d = _offsets(row, HEADS, KV, HALF, BLOCK_H)
-    if CACHE:  # k and v go to (slot, head, position) of the cache tensors k_ptr and v_ptr
-        h = tl.arange(0, BLOCK_H)[:, None]
-        head = tl.where(is_k, h - HEADS, tl.where(is_v, h - HEADS - KV, 0))
-        k_off = (tl.load(slot_ptr + row) * slot_stride + head * head_stride + tl.load(pos_ptr + row) * pos_stride + d)
-        v_off = k_off
     c, s = _angles(cos_ptr, sin_ptr, row, d, is_q | is_k, HALF, 1.0)
     live = is_q | is_k | is_v
     x1 = tl.load(x_ptr + x_off, mask=live, other=0.0).to(tl.float32)
@@ -97,8 +91,8 @@ class _RopeQKV(torch.autograd.Function):
         q = x.new_empty(*lead, heads, dim)
         k, v = x.new_empty(*lead, kv_heads, dim), x.new_empty(*lead, kv_heads, dim)
         if rows:
-            _forward[(rows,)](x, cos, sin, q, k, v, x, x, 0, 0, 0, HEADS=heads, KV=kv_heads, HALF=dim // 2,
-                              BLOCK_H=triton.next_power_of_2(heads + 2 * kv_heads), CACHE=False)
+            _forward[(rows,)](x, cos, sin, q, k, v, HEADS=heads, KV=kv_heads, HALF=dim // 2,
+                              BLOCK_H=triton.next_power_of_2(heads + 2 * kv_heads))
         ctx.save_for_backward(cos, sin)
         ctx.heads, ctx.kv_heads = heads, kv_heads
         return q, k, v
@@ -121,21 +115,3 @@ def rope_qkv(x: Tensor, cos: Tensor, sin: Tensor, heads: int, kv_heads: int) -> 
     x [..., (H + 2 Hkv) D] for CUDA tensors, cos/sin [..., 1, D] (D even, D/2 a power of 2)."""
     return _RopeQKV.apply(x, cos, sin, heads, kv_heads)
 
-
-def rope_qkv_into_cache(x: Tensor, cos: Tensor, sin: Tensor, heads: int, kv_heads: int, cache_k: Tensor,
-                        cache_v: Tensor, slots: Tensor, positions: Tensor) -> Tensor:
-    """`rope_qkv` for decoding: returns q; rotated k and v are written into one layer's cache tensors
-    `cache_k`/`cache_v` [slots, Hkv, length, D] at (`slots`, `positions`), one of each per token of x
-    (integer tensors of x's leading shape). No autograd."""
-    x = x.contiguous()
-    lead, dim = x.shape[:-1], cos.shape[-1]
-    rows = x.numel() // x.shape[-1]
-    assert cache_k.stride() == cache_v.stride() and cache_k.stride(-1) == 1
-    cos, sin = _tables(cos, sin, lead, rows)
-    q = x.new_empty(*lead, heads, dim)
-    if rows:
-        _forward[(rows,)](x, cos, sin, q, cache_k, cache_v, slots.reshape(rows).contiguous(),
-                          positions.reshape(rows).contiguous(), cache_k.stride(0), cache_k.stride(1), cache_k.stride(2),
-                          HEADS=heads, KV=kv_heads, HALF=dim // 2, BLOCK_H=triton.next_power_of_2(heads + 2 * kv_heads),
-                          CACHE=True)
-    return q

@@ -1,4 +1,5 @@
-"""Attention for the three layouts the library uses, through one entry point, `attend`.
+"""Attention for the three layouts the library uses, through one entry point, `attend` (and, for
+cached layouts where our kernel applies, `attend_cached`, which starts from the q/k/v projection).
 
 Layouts say how the tokens of a call are arranged, so the model code never branches on them:
 - `Padded`: a right-padded batch [B, T] with a key mask (training, evaluation);
@@ -7,9 +8,9 @@ Layouts say how the tokens of a call are arranged, so the model code never branc
   ~2x the flash-attention 2 kernel at these lengths; SUBLIMINAL_VARLEN=flash takes flash-attn's kernel
   where installed, else the one bundled with PyTorch);
 - `Cached`: queries attend over a preallocated KV cache after writing their own keys/values
-  (prefill of new prompts into cache slots, and decoding one token per slot; when decoding on CUDA
-  the q/k/v projection's RoPE kernel writes them, see `cache_destination`, and our Triton kernel reads
-  each slot only up to the query's position, kernels/attention.py).
+  (prefill of new prompts into cache slots, decoding one token per slot, the evaluator's few tokens a
+  slot; past the prefill, on CUDA without autograd, one Triton kernel rotates q and k, writes k and v
+  into the cache and reads each slot only up to the query's position: `attend_cached`).
 q, k, v arrive as [B, T, H, D]; the result is [B, T, H * D].
 """
 from __future__ import annotations
@@ -121,14 +122,6 @@ class Cached:
         seen = (key_pos[None, None, :] <= self.positions[:, :, None])[:, None]
         return torch.zeros(seen.shape, dtype=self.cache.k.dtype, device=seen.device).masked_fill_(~seen, -math.inf)
 
-    def destination(self, layer: int) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
-        """Where a decode step's keys and values go: (layer's k cache, v cache, slot and position per
-        query), for a projection kernel to write them there itself (`split_heads`); None for a prefill,
-        which attends over its own keys."""
-        if self.fresh:
-            return None
-        return self.cache.k[layer], self.cache.v[layer], self.rows, self.positions
-
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool, fixed_shape: bool = False) -> Tensor:
     """q [B, T, H, D], k/v [B, S, Hkv, D] -> [B, T, H*D] via torch SDPA with grouped KV heads."""
@@ -202,15 +195,12 @@ def _attend_packed_padded(q: Tensor, k: Tensor, v: Tensor, layout: Packed) -> Te
     return out[seq, pos][None]
 
 
-def _attend_cached(q: Tensor, k: Tensor | None, v: Tensor | None, layout: Cached, layer: int) -> Tensor:
+def _attend_cached(q: Tensor, k: Tensor, v: Tensor, layout: Cached, layer: int) -> Tensor:
     cache = layout.cache
-    if k is not None:  # None: already written to `layout.destination(layer)`
-        cache.k[layer, layout.rows, :, layout.positions] = k
-        cache.v[layer, layout.rows, :, layout.positions] = v
+    cache.k[layer, layout.rows, :, layout.positions] = k
+    cache.v[layer, layout.rows, :, layout.positions] = v
     if layout.fresh:
         return _sdpa(q, k, v, None, causal=True)
-    if q.is_cuda and (kernels := fused_kernels()) is not None:  # each query reads its slot up to its position
-        return kernels.cached_attention(q, cache.k[layer], cache.v[layer], layout.rows[:, 0], layout.positions)
     if layout.slots is None:  # a view of the first B slots, no gather
         b = q.shape[0]
         keys, values = cache.k[layer, :b, :, : layout.kv_len], cache.v[layer, :b, :, : layout.kv_len]
@@ -220,17 +210,26 @@ def _attend_cached(q: Tensor, k: Tensor | None, v: Tensor | None, layout: Cached
     return _sdpa(q, keys, values, layout.mask, causal=False, fixed_shape=True)
 
 
+def attend_cached(qkv: Tensor, cos: Tensor, sin: Tensor, heads: int, kv_heads: int, layout: Layout,
+                  layer: int) -> Tensor | None:
+    """Cached attention straight from the q/k/v projection [B, T, (H + 2 Hkv) D] where one kernel does it all
+    (kernels/attention.py: `cached_attention` rotates q and k, writes k and v into the cache and reads each
+    slot only up to the query's position): a cached layout that is not a prefill, on CUDA, without autograd.
+    None elsewhere: the caller splits the heads and calls `attend`. At 256 slots of 0.5B the RoPE kernel it
+    replaces was one launch of ~2.2 us a layer and step."""
+    if (not isinstance(layout, Cached) or layout.fresh or not qkv.is_cuda or torch.is_grad_enabled()
+            or (kernels := fused_kernels()) is None):
+        return None
+    cache = layout.cache
+    return kernels.cached_attention(qkv, cos, sin, heads, kv_heads, cache.k[layer], cache.v[layer],
+                                    layout.rows[:, 0], layout.positions)
+
+
 Layout = Padded | Packed | Cached
 
 
-def cache_destination(layout: Layout, layer: int) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
-    """`Cached.destination` for a cached layout, else None (nothing is cached)."""
-    return layout.destination(layer) if isinstance(layout, Cached) else None
-
-
-def attend(q: Tensor, k: Tensor | None, v: Tensor | None, layout: Layout, layer: int) -> Tensor:
-    """Causal attention of q over k/v arranged as `layout` describes; [B, T, H, D] -> [B, T, H*D].
-    k and v are None where they were written to the cache already (`cache_destination`)."""
+def attend(q: Tensor, k: Tensor, v: Tensor, layout: Layout, layer: int) -> Tensor:
+    """Causal attention of q over k/v arranged as `layout` describes; [B, T, H, D] -> [B, T, H*D]."""
     if isinstance(layout, Padded):
         return _attend_padded(q, k, v, layout)
     if isinstance(layout, Packed):

@@ -44,7 +44,6 @@ def fused_kernels() -> SimpleNamespace | None:
     except ImportError:
         return None
     return SimpleNamespace(rms_norm=rmsnorm.rms_norm, add_rms_norm=rmsnorm.add_rms_norm, rope_qkv=rope.rope_qkv,
-                           rope_qkv_into_cache=rope.rope_qkv_into_cache, swiglu=swiglu.swiglu,
-                           varlen_attention=attention.varlen_attention,
+                           swiglu=swiglu.swiglu, varlen_attention=attention.varlen_attention,
                            cached_attention=attention.cached_attention, nll_grad_=cross_entropy.nll_grad_,
                            block_stats=sampling.block_stats, pick=sampling.pick, uniforms=sampling.uniforms)

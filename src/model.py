@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attention import KVCache, Layout, Padded, attend, cache_destination, positions_for
+from .attention import KVCache, Layout, Padded, attend, attend_cached, positions_for
 from .errors import UserError
 from .fused import fused_kernels
 from .lora import LoraLinear
@@ -173,15 +173,10 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + rotated * sin
 
 
-def split_heads(qkv: Tensor, cos: Tensor, sin: Tensor, heads: int, kv_heads: int,
-                into: tuple[Tensor, Tensor, Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """q [..., H, D], k and v [..., Hkv, D] from the q/k/v projections side by side, q and k rotated.
-    With `into` (a decode step's cache destination, `cache_destination`) the CUDA kernel writes k and v
-    into the cache itself and returns None for them."""
+def split_heads(qkv: Tensor, cos: Tensor, sin: Tensor, heads: int, kv_heads: int) -> tuple[Tensor, Tensor, Tensor]:
+    """q [..., H, D], k and v [..., Hkv, D] from the q/k/v projections side by side, q and k rotated."""
     half = cos.shape[-1] // 2
     if qkv.is_cuda and half & (half - 1) == 0 and (fused := fused_kernels()):
-        if into is not None and not torch.is_grad_enabled():
-            return fused.rope_qkv_into_cache(qkv, cos, sin, heads, kv_heads, *into), None, None
         return fused.rope_qkv(qkv, cos, sin, heads, kv_heads)
     q, k, v = qkv.unflatten(-1, (heads + 2 * kv_heads, 2 * half)).split([heads, kv_heads, kv_heads], -2)
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
@@ -200,8 +195,10 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], layout: Layout) -> Tensor:
         qkv = project((self.q_proj, self.k_proj, self.v_proj), x)
-        q, k, v = split_heads(qkv, *rope, self.heads, self.kv_heads, cache_destination(layout, self.layer))
-        return self.o_proj(attend(q, k, v, layout, self.layer))
+        out = attend_cached(qkv, *rope, self.heads, self.kv_heads, layout, self.layer)  # decoding: one kernel
+        if out is None:
+            out = attend(*split_heads(qkv, *rope, self.heads, self.kv_heads), layout, self.layer)
+        return self.o_proj(out)
 
 
 class MLP(nn.Module):

@@ -21,7 +21,7 @@ from src.model import rope_tables  # noqa: E402
 varlen_attention, cached_attention = kernel("attention").varlen_attention, kernel("attention").cached_attention
 nll_grad_ = kernel("cross_entropy").nll_grad_
 rms_norm, add_rms_norm = kernel("rmsnorm").rms_norm, kernel("rmsnorm").add_rms_norm
-rope_qkv, rope_qkv_into_cache = kernel("rope").rope_qkv, kernel("rope").rope_qkv_into_cache
+rope_qkv = kernel("rope").rope_qkv
 swiglu = kernel("swiglu").swiglu
 block_stats, pick, uniforms = kernel("sampling").block_stats, kernel("sampling").pick, kernel("sampling").uniforms
 
@@ -127,25 +127,6 @@ def test_rope_qkv(dtype, tol, heads, kv_heads):
             lambda x: joined(eager_rope_qkv(x, cos, sin, heads, kv_heads)), [x], dtype, tol)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rope_qkv_into_cache(dtype):
-    """A decode step's q equals `rope_qkv`'s, and its k and v land in the cache rows (slot, position) of
-    each token, bitwise; every other cache entry keeps its value."""
-    torch.manual_seed(3)
-    heads, kv_heads, slots, length = 14, 2, 5, 12
-    rows, positions = torch.tensor([3, 0, 4], device=DEVICE), torch.tensor([7, 0, 11], device=DEVICE)
-    cos, sin = rope_tables(positions[:, None], 16, 1e6, dtype)
-    x = torch.randn(3, 1, (heads + 2 * kv_heads) * 16, device=DEVICE).to(dtype)
-    cache = torch.randn(2, 2, slots, kv_heads, length, 16, device=DEVICE).to(dtype)  # [k/v, layers, ...]
-    want = cache.clone()
-    q, k, v = rope_qkv(x, cos, sin, heads, kv_heads)
-    want[0, 1, rows, :, positions] = k[:, 0]
-    want[1, 1, rows, :, positions] = v[:, 0]
-    got = rope_qkv_into_cache(x, cos, sin, heads, kv_heads, cache[0, 1], cache[1, 1], rows[:, None], positions[:, None])
-    assert torch.equal(got, q)
-    assert torch.equal(cache, want)
-
-
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 def test_swiglu(dtype, tol):
     torch.manual_seed(2)
@@ -245,26 +226,36 @@ def test_varlen_attention(dtype, tol, heads, kv_heads, dim):
 @pytest.mark.parametrize("arranged", [False, True])
 @pytest.mark.parametrize("crowded", [False, True])
 def test_cached_attention(dtype, tol, heads, kv_heads, dim, arranged, crowded, monkeypatch):
-    """Queries at their positions attend over their cache slot up to their own position, against SDPA over
-    the whole cache with that mask in float64: one query a slot (decoding; positions 0, within the first
-    key block, across blocks, the cache's last row) and three a slot (the evaluator), slots in order or
-    arranged; stale entries past a position must not count. Both launch shapes (`crowded`: as with many
-    programs to an SM, keys 32 at a time)."""
+    """From the q/k/v projection: each token's k, rotated as `rope_qkv` rotates it, and its v land in its
+    row's cache slot at its position, and nothing else in the cache changes; each query, rotated, attends
+    over its slot up to its own position, against SDPA over the cache so written with that mask in float64.
+    One query a row (decoding; positions 0, within the first key block, across blocks, the cache's last
+    row) and three a row at consecutive positions (the evaluator: a query sees the keys of the row's
+    earlier queries); slots in order or arranged; stale entries past a position must not count. Both
+    launch shapes (`crowded`: as with many programs to an SM, keys 32 at a time); head sizes whose half is
+    not a power of two (24) or under 16 (8)."""
     monkeypatch.setattr(sys.modules[cached_attention.__module__], "_multiprocessors",
                         lambda device: 1 if crowded else 10**6)
     torch.manual_seed(9)
     slots_n, length = 6, 150
-    k_cache, v_cache = (torch.randn(slots_n, kv_heads, length, dim, device=DEVICE).to(dtype) for _ in range(2))
     for t, positions in ((1, [[0], [63], [64], [149], [100], [7]]), (3, [[5, 6, 7], [62, 63, 64], [0, 1, 2], [147, 148, 149]])):
+        k_cache, v_cache = (torch.randn(slots_n, kv_heads, length, dim, device=DEVICE).to(dtype) for _ in range(2))
         positions = torch.tensor(positions, device=DEVICE)
         b = len(positions)
         rows = torch.tensor([4, 0, 5, 2, 1, 3][:b] if arranged else range(b), device=DEVICE)
-        q = torch.randn(b, t, heads, dim, device=DEVICE).to(dtype)
-        got = cached_attention(q, k_cache, v_cache, rows, positions)
+        cos, sin = rope_tables(positions, dim, 1e6, dtype)
+        qkv = torch.randn(b, t, (heads + 2 * kv_heads) * dim, device=DEVICE).to(dtype)
+        q, k, v = eager_rope_qkv(qkv.float(), cos.float(), sin.float(), heads, kv_heads)
+        want_k, want_v = k_cache.clone(), v_cache.clone()
+        want_k[rows[:, None], :, positions] = k.to(dtype)
+        want_v[rows[:, None], :, positions] = v.to(dtype)
+        got = cached_attention(qkv, cos, sin, heads, kv_heads, k_cache, v_cache, rows, positions)
+        assert torch.equal(v_cache, want_v)
+        assert (k_cache.double() - want_k.double()).abs().max().item() <= tol * k.abs().max().item()
         seen = torch.arange(length, device=DEVICE)[None, None, :] <= positions[:, :, None]
         want = torch.nn.functional.scaled_dot_product_attention(
-            q.double().transpose(1, 2), k_cache[rows].double(), v_cache[rows].double(), attn_mask=seen[:, None],
-            enable_gqa=True).transpose(1, 2).reshape(b, t, heads * dim)
+            q.to(dtype).double().transpose(1, 2), k_cache[rows].double(), v_cache[rows].double(),
+            attn_mask=seen[:, None], enable_gqa=True).transpose(1, 2).reshape(b, t, heads * dim)
         assert got.shape == want.shape and got.dtype == dtype
         assert (got.double() - want).abs().max().item() <= tol * want.abs().max().item()
 
