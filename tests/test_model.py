@@ -62,23 +62,30 @@ def test_packed_equals_separate(tiny_checkpoint, shape):
             assert (out[cu[i]: cu[i + 1]] - expect).abs().max().item() <= 1e-4
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
 @pytest.mark.parametrize("fresh", [True, False])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_kv_cache_decoding_equals_full_forward(tiny_checkpoint, shape, fresh):
+def test_kv_cache_decoding_equals_full_forward(tiny_checkpoint, shape, fresh, device):
+    """A prompt prefilled into arbitrary cache slots, then three tokens a slot in one call (the evaluator's
+    rows), then one at a time (decoding): the logits of the whole sequence's forward. On CUDA the calls
+    after the prefill run the cached-attention kernel from the q/k/v projection (`attend_cached`)."""
     folder = tiny_checkpoint(seed=5, **shape)
-    ours = load_model(folder, dtype=torch.float32)
+    ours = load_model(folder, dtype=torch.float32, device=device)
     torch.manual_seed(4)
-    full = torch.randint(0, 160, (2, 12))
+    full = torch.randint(0, 160, (2, 12), device=device)
     prompt_len = 5
     cache = ours.new_cache(slots=4, max_len=16)
-    slots = torch.tensor([3, 1])  # arbitrary slots: prefill must land where asked
+    slots = torch.tensor([3, 1], device=device)  # arbitrary slots: prefill must land where asked
     with torch.no_grad():
         expect = ours(full)
-        pos = torch.arange(prompt_len)[None].expand(2, prompt_len)
+        pos = torch.arange(prompt_len, device=device)[None].expand(2, prompt_len)
         h = ours.hidden(full[:, :prompt_len], Cached(cache, slots, pos, prompt_len, fresh=fresh))
         got = [ours.logits(h)]
-        for t in range(prompt_len, 12):
-            h = ours.hidden(full[:, t:t + 1], Cached(cache, slots, torch.full((2, 1), t), 16))
+        pos = torch.arange(prompt_len, prompt_len + 3, device=device)[None].expand(2, 3)
+        got.append(ours.logits(ours.hidden(full[:, prompt_len:prompt_len + 3], Cached(cache, slots, pos, 16))))
+        for t in range(prompt_len + 3, 12):
+            h = ours.hidden(full[:, t:t + 1], Cached(cache, slots, torch.full((2, 1), t, device=device), 16))
             got.append(ours.logits(h))
     assert (torch.cat(got, 1) - expect).abs().max().item() <= 1e-4
 
