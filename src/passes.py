@@ -26,6 +26,7 @@ from .fused import fused_kernels
 from .model import Qwen2
 
 LOGIT_CHUNK = 1024  # LM-head rows per chunk: bounds the float32 [rows, vocab] buffers (~0.6 GB each at 152k)
+UNFUSED_LOGIT_BYTES = 4 * 4  # the unfused loss's float32 buffers a logit: widened, log-softmax, its gradient, the gather's
 IGNORED = -100  # the target of a padding row: cross-entropy's ignore_index
 
 
@@ -187,6 +188,18 @@ def pack(groups: Sequence[Sequence[Example]], device: torch.device, padding: Pad
                       to_device(student, torch.long, device), lengths)
 
 
+def fused_head(device: torch.device, dtype: torch.dtype):
+    """The kernels whose cross-entropy overwrites the LM head's logits with their gradient, where the loss uses
+    it (CUDA, bf16/fp16, kernels on); else None."""
+    return fused_kernels() if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) else None
+
+
+def logit_bytes(device: torch.device, dtype: torch.dtype) -> int:
+    """Bytes the LM head's loss holds a row and vocabulary entry of its chunk: the logits alone where the
+    fused kernel overwrites them with their gradient, else `UNFUSED_LOGIT_BYTES`."""
+    return dtype.itemsize if fused_head(device, dtype) is not None else UNFUSED_LOGIT_BYTES
+
+
 class _HeadNLL(torch.autograd.Function):
     """Per-row -log p(target) / normaliser[row] through the (frozen) LM head `head`, chunk by chunk
     (rows whose target is IGNORED: 0).
@@ -203,7 +216,7 @@ class _HeadNLL(torch.autograd.Function):
         wide = torch.promote_types(hidden.dtype, torch.float32)
         rows = torch.empty(hidden.shape[0], dtype=wide, device=hidden.device)
         grad = torch.empty_like(hidden)
-        fused = fused_kernels() if hidden.is_cuda and hidden.dtype in (torch.bfloat16, torch.float16) else None
+        fused = fused_head(hidden.device, hidden.dtype)
         with torch.enable_grad():
             for s in range(0, hidden.shape[0], chunk):
                 h = hidden[s: s + chunk].detach().requires_grad_()

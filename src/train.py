@@ -54,8 +54,8 @@ from .errors import UserError
 from .lora import adapters_cast_once, apply_lora, is_adapter, lora_parameters, lora_state_dict, save_adapter
 from .memory import free_memory
 from .model import Qwen2, Qwen2Config, fused_weights
-from .passes import (LOGIT_CHUNK, Example, Padding, Passes, graph_padding, graphs_wanted, pack, pass_shape,
-                     to_device, token_passes)
+from .passes import (LOGIT_CHUNK, UNFUSED_LOGIT_BYTES, Example, Padding, Passes, graph_padding, graphs_wanted,
+                     logit_bytes, pack, pass_shape, to_device, token_passes)
 from .tokenizer import ChatTokenizer, load_tokenizer
 
 TokenPair = tuple[list[int], list[int]]  # (prompt ids, completion ids)
@@ -110,15 +110,20 @@ def activation_bytes(config: Qwen2Config, itemsize: int, recompute: int) -> floa
     return layer * (1 + c.num_hidden_layers - recompute) + 2 * c.hidden_size * itemsize * recompute
 
 
-def fit_tokens(config: Qwen2Config, itemsize: int, free_bytes: float, recompute: int) -> int:
+def fit_tokens(config: Qwen2Config, itemsize: int, free_bytes: float, recompute: int,
+               per_logit: float = UNFUSED_LOGIT_BYTES) -> int:
     """Tokens one pass may hold (every student's segment together): their activations (`activation_bytes`)
-    within 80% of `free_bytes`, the LM head's float32 chunk buffers set aside."""
-    free = free_bytes - 4 * LOGIT_CHUNK * config.vocab_size * 4
-    return max(0, int(0.8 * free / activation_bytes(config, itemsize, recompute)))
+    within 80% of `free_bytes` less the LM head's chunk of logits, `per_logit` bytes a row and vocabulary
+    entry (`logit_bytes`), for as many rows as the pass could hold without it, at most LOGIT_CHUNK (a pass
+    has no more completion rows than tokens)."""
+    per_token = activation_bytes(config, itemsize, recompute)
+    rows = min(LOGIT_CHUNK, int(0.8 * max(free_bytes, 0) / per_token))
+    return max(0, int(0.8 * (free_bytes - rows * config.vocab_size * per_logit) / per_token))
 
 
 def memory_plan(config: Qwen2Config, itemsize: int, free_bytes: float, longest: int, step_tokens: float,
-                students: int, recompute: int | None, graphs: bool = False, multiple: int = 1) -> tuple[int, int]:
+                students: int, recompute: int | None, graphs: bool = False, multiple: int = 1,
+                per_logit: float = UNFUSED_LOGIT_BYTES) -> tuple[int, int]:
     """(tokens per student a pass may hold, blocks recomputed) for `students` students of `step_tokens` tokens
     a step each, whose longest example has `longest` tokens: `fit_tokens` shared by the students, rounded down
     to `multiple` (what a pass's segments are padded to). `recompute` None decides, by the cost model of
@@ -127,7 +132,7 @@ def memory_plan(config: Qwen2Config, itemsize: int, free_bytes: float, longest: 
     layers = config.num_hidden_layers
 
     def capacity(k: int) -> int:
-        return fit_tokens(config, itemsize, free_bytes, k) // students // multiple * multiple
+        return fit_tokens(config, itemsize, free_bytes, k, per_logit) // students // multiple * multiple
 
     if recompute is None:
         fitting = [k for k in range(layers + 1) if capacity(k) >= longest] or [layers]
@@ -328,7 +333,7 @@ def train_cohort(model: Qwen2, students: Sequence[Student], *, config: TrainConf
     def plan(recompute: int | None) -> tuple[int, int]:
         """(tokens a pass may hold per student, blocks recomputed) from free memory (`memory_plan`)."""
         return memory_plan(model.config, model.dtype.itemsize, free, longest_padded, mean * per_rank, cohort,
-                           recompute, graphs, padding.tokens)
+                           recompute, graphs, padding.tokens, logit_bytes(model.device, model.dtype))
 
     forced = model.recompute is not None  # --checkpointing/--no-checkpointing; None: the plan decides
     if model.device.type == "cuda":

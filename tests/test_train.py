@@ -395,7 +395,7 @@ def test_memory_plan_recomputes_only_where_it_pays():
     the padding, shared by a cohort's students."""
     from src.constants import SHAPES
     from src.model import Qwen2Config
-    from src.train import fit_tokens, memory_plan, step_cost
+    from src.train import activation_bytes, fit_tokens, memory_plan, step_cost
 
     weights = {"0.5b": 0.99e9, "7b": 15.2e9, "14b": 29.5e9, "32b": 65.5e9}  # bf16 bytes (qwen25.md)
     step = 60 * 160
@@ -416,12 +416,18 @@ def test_memory_plan_recomputes_only_where_it_pays():
     assert memory_plan(config, 2, free, 192, step, 1, None, graphs=True)[1] == 0  # graphed small passes: no host wait
     assert memory_plan(config, 2, free, 192, step, 1, 0) == (fit_tokens(config, 2, free, 0), 0)
     assert memory_plan(config, 2, free, 192, step, 3, 0)[0] == fit_tokens(config, 2, free, 0) // 3
-    assert memory_plan(config, 2, 3e9, 192, step, 1, None)[1] == config.num_hidden_layers  # only all of them fit
+    assert memory_plan(config, 2, 1.5e9, 192, step, 1, None)[1] == config.num_hidden_layers  # only all of them fit
     assert memory_plan(Qwen2Config.from_dict(SHAPES["0.5b"]), 2, 79e9, 192, step, 1, 24)[1] == 24
     fits = [fit_tokens(config, 2, free * 1e9, 64) for free in range(10, 140, 10)]
     assert fits == sorted(fits) and fits[-1] > step
     by_blocks = [fit_tokens(config, 2, 30e9, k) for k in range(65)]
     assert by_blocks == sorted(by_blocks) and by_blocks[0] < by_blocks[-1]
+    # the LM head's logits are set aside for the rows a pass can hold, not for a whole chunk of 1,024 rows: memory
+    # for 300 tokens' activations and 300 rows of unfused float32 logits leaves a pass of nearly 300 tokens
+    per_token = activation_bytes(config, 2, 0)
+    assert 290 < fit_tokens(config, 2, 300 * per_token / 0.8 + 300 * config.vocab_size * 16, 0) <= 300
+    # the fused loss overwrites its bf16 logits (2 bytes a logit): more room than the float32 buffers leave
+    assert fit_tokens(config, 2, free, 0, 2) > fit_tokens(config, 2, free, 0) == fit_tokens(config, 2, free, 0, 16)
 
 
 def test_memory_plan_passes_at_7b_14b_and_32b():
@@ -442,7 +448,7 @@ def test_memory_plan_passes_at_7b_14b_and_32b():
     for size, weight in {"7b": 15.2e9, "14b": 29.5e9, "32b": 65.5e9}.items():
         config = Qwen2Config.from_dict(SHAPES[size])
         capacity, recompute = memory_plan(config, 2, 85.0e9 - weight - 1e9, 192, 60 * mean, 1, None, graphs=True,
-                                          multiple=64)
+                                          multiple=64, per_logit=2)  # the fused loss's bf16 logits, as on the GPU
         cuts = [token_passes([step], capacity) for step in steps]
         assert recompute == 0 and all(sum(len(e.ids) for e in g[0]) <= capacity for cut in cuts for g in cut)
         fixed = max(m for m in range(1, 61) if all(sum(len(e.ids) for e in step[k: k + m]) <= capacity
