@@ -111,19 +111,19 @@ def activation_bytes(config: Qwen2Config, itemsize: int, recompute: int) -> floa
 
 
 def fit_tokens(config: Qwen2Config, itemsize: int, free_bytes: float, recompute: int,
-               per_logit: float = UNFUSED_LOGIT_BYTES) -> int:
+               per_logit: float = UNFUSED_LOGIT_BYTES, chunk: int = LOGIT_CHUNK) -> int:
     """Tokens one pass may hold (every student's segment together): their activations (`activation_bytes`)
     within 80% of `free_bytes` less the LM head's chunk of logits, `per_logit` bytes a row and vocabulary
-    entry (`logit_bytes`), for as many rows as the pass could hold without it, at most LOGIT_CHUNK (a pass
+    entry (`logit_bytes`), for as many rows as the pass could hold without it, at most `chunk` (a pass
     has no more completion rows than tokens)."""
     per_token = activation_bytes(config, itemsize, recompute)
-    rows = min(LOGIT_CHUNK, int(0.8 * max(free_bytes, 0) / per_token))
+    rows = min(chunk, int(0.8 * max(free_bytes, 0) / per_token))
     return max(0, int(0.8 * (free_bytes - rows * config.vocab_size * per_logit) / per_token))
 
 
 def memory_plan(config: Qwen2Config, itemsize: int, free_bytes: float, longest: int, step_tokens: float,
                 students: int, recompute: int | None, graphs: bool = False, multiple: int = 1,
-                per_logit: float = UNFUSED_LOGIT_BYTES) -> tuple[int, int]:
+                per_logit: float = UNFUSED_LOGIT_BYTES, chunk: int = LOGIT_CHUNK) -> tuple[int, int]:
     """(tokens per student a pass may hold, blocks recomputed) for `students` students of `step_tokens` tokens
     a step each, whose longest example has `longest` tokens: `fit_tokens` shared by the students, rounded down
     to `multiple` (what a pass's segments are padded to). `recompute` None decides, by the cost model of
@@ -132,7 +132,7 @@ def memory_plan(config: Qwen2Config, itemsize: int, free_bytes: float, longest: 
     layers = config.num_hidden_layers
 
     def capacity(k: int) -> int:
-        return fit_tokens(config, itemsize, free_bytes, k, per_logit) // students // multiple * multiple
+        return fit_tokens(config, itemsize, free_bytes, k, per_logit, chunk) // students // multiple * multiple
 
     if recompute is None:
         fitting = [k for k in range(layers + 1) if capacity(k) >= longest] or [layers]
@@ -333,7 +333,7 @@ def train_cohort(model: Qwen2, students: Sequence[Student], *, config: TrainConf
     def plan(recompute: int | None) -> tuple[int, int]:
         """(tokens a pass may hold per student, blocks recomputed) from free memory (`memory_plan`)."""
         return memory_plan(model.config, model.dtype.itemsize, free, longest_padded, mean * per_rank, cohort,
-                           recompute, graphs, padding.tokens, logit_bytes(model.device, model.dtype))
+                           recompute, graphs, padding.tokens, logit_bytes(model.device, model.dtype), logit_chunk)
 
     forced = model.recompute is not None  # --checkpointing/--no-checkpointing; None: the plan decides
     if model.device.type == "cuda":

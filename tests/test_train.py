@@ -428,6 +428,8 @@ def test_memory_plan_recomputes_only_where_it_pays():
     assert 290 < fit_tokens(config, 2, 300 * per_token / 0.8 + 300 * config.vocab_size * 16, 0) <= 300
     # the fused loss overwrites its bf16 logits (2 bytes a logit): more room than the float32 buffers leave
     assert fit_tokens(config, 2, free, 0, 2) > fit_tokens(config, 2, free, 0) == fit_tokens(config, 2, free, 0, 16)
+    # a smaller chunk bounds the rows set aside where the pass could hold more (LOGIT_CHUNK is 1,024)
+    assert fit_tokens(config, 2, 30e9, 64, 16, chunk=256) > fit_tokens(config, 2, 30e9, 64, 16)
 
 
 def test_memory_plan_passes_at_7b_14b_and_32b():
