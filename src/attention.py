@@ -7,6 +7,9 @@ Layouts say how the tokens of a call are arranged, so the model code never branc
   (training without padding waste; on CUDA in bf16/fp16 our Triton varlen kernel, kernels/attention.py,
   ~2x the flash-attention 2 kernel at these lengths; SUBLIMINAL_VARLEN=flash takes flash-attn's kernel
   where installed, else the one bundled with PyTorch);
+- `Shared`: packed sequences whose common opening (the chat template's, ~24 of a student's ~130 tokens)
+  is stored once: every row but attention's runs on the stored rows; attention sees each sequence whole,
+  the opening's keys and values copied into it (`expand`), and its outputs are taken back (`keep`);
 - `Cached`: queries attend over a preallocated KV cache after writing their own keys/values
   (prefill of new prompts into cache slots, decoding one token per slot, the evaluator's few tokens a
   slot; past the prefill, on CUDA without autograd, one Triton kernel rotates q and k, writes k and v
@@ -75,6 +78,25 @@ class Packed:
             seq = torch.searchsorted(cu[1:], at, right=True)
             self._maps = seq, at - cu[seq]
         return self._maps
+
+
+@dataclass
+class Shared:
+    """Packed sequences that open with the same tokens, stored once: the row [1, N] holds the opening
+    (one copy, its first sequence's) and every sequence's own rest. `full` packs every sequence whole
+    ([1, M], M >= N: the opening copied into each), which is what attention sees: `expand` [M] is the
+    stored row each of its rows reads, `keep` [N] the row of `full` each stored row takes its attention
+    output from. Each copy of the opening sees what the stored one sees (the same tokens at the same
+    positions), so this is exact; the copies' key and value gradients are summed into the stored rows
+    by the gather's backward."""
+
+    full: Packed
+    expand: Tensor
+    keep: Tensor
+
+    def positions(self) -> Tensor:
+        """Each stored row's position within its sequence [1, N]."""
+        return self.full.maps(self.expand.shape[0])[1][self.keep][None]
 
 
 class KVCache:
@@ -225,7 +247,7 @@ def attend_cached(qkv: Tensor, cos: Tensor, sin: Tensor, heads: int, kv_heads: i
                                     layout.rows[:, 0], layout.positions)
 
 
-Layout = Padded | Packed | Cached
+Layout = Padded | Packed | Shared | Cached
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, layout: Layout, layer: int) -> Tensor:
@@ -234,6 +256,9 @@ def attend(q: Tensor, k: Tensor, v: Tensor, layout: Layout, layer: int) -> Tenso
         return _attend_padded(q, k, v, layout)
     if isinstance(layout, Packed):
         return _attend_packed(q, k, v, layout)
+    if isinstance(layout, Shared):
+        rows = layout.expand
+        return _attend_packed(q[:, rows], k[:, rows], v[:, rows], layout.full)[:, layout.keep]
     return _attend_cached(q, k, v, layout, layer)
 
 
@@ -243,6 +268,8 @@ def positions_for(layout: Layout, batch: int, length: int, device: torch.device)
         return layout.positions
     if isinstance(layout, Packed):
         return layout.maps(length)[1][None]
+    if isinstance(layout, Shared):
+        return layout.positions()
     if layout.key_mask is None:
         return torch.arange(length, device=device)[None].expand(batch, length)
     return (layout.key_mask.long().cumsum(-1) - 1).clamp(min=0)

@@ -1,6 +1,11 @@
 """One training pass: a micro-batch packed into one row, its completion loss, its backward; run eagerly
 or replayed from a CUDA graph.
 
+Every student prompt opens with the same tokens (the chat template's default system prompt and the user
+turn's header: 24 of a mean ~131 tokens with Qwen2.5's tokenizer, measured over 2,000 numbers prompts);
+a pass stores that opening once per student (`Example.shared`, `attention.Shared`), so every GEMM, norm
+and LoRA product runs on 15-19% fewer rows (6-60 examples a pass); only attention sees each sequence whole.
+
 Why graphs: to queue one block's forward and backward the host needs ~4 ms (autograd, the Python of
 the autograd Functions, ~70 launches), longer than the GPU needs for it at 0.5B-3B and for the small
 passes that fit 32B's memory; a captured pass is queued in one launch. A graph fixes its shapes and
@@ -21,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .attention import Packed
+from .attention import Packed, Shared
 from .fused import fused_kernels
 from .model import Qwen2
 
@@ -53,6 +58,7 @@ class Example:
 
     ids: list[int]
     first: int  # first position whose token is a loss target (the first completion token, at least 1)
+    shared: int = 0  # leading tokens every example of its student opens with (`opening`): a pass stores them once
 
     @property
     def targets(self) -> int:
@@ -66,28 +72,41 @@ class MicroBatch:
     every layer's input is student s's (LoraLinear's cohort layout)."""
 
     ids: Tensor  # [1, S * L]
-    layout: Packed
+    layout: Packed | Shared
     select: Tensor  # [R] positions whose next token is a completion token, student by student (then padding)
     targets: Tensor  # [R] those next tokens (IGNORED on padding rows)
     student: Tensor  # [R] the student each selected position belongs to
-    tokens: list[int]  # real tokens per student
+    tokens: list[int]  # rows each student's sequences take (a shared opening once)
 
     @property
-    def shape(self) -> tuple[int, int, int]:
-        """What a CUDA graph of this pass is specific to: tokens, sequence boundaries, completion rows."""
-        return self.ids.shape[1], self.layout.cu_seqlens.shape[0], self.select.shape[0]
+    def full(self) -> Packed:
+        """The sequences as attention sees them (each whole)."""
+        return self.layout.full if isinstance(self.layout, Shared) else self.layout
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """What a CUDA graph of this pass is specific to: tokens stored, tokens attention sees, sequence
+        boundaries, completion rows."""
+        tokens = self.ids.shape[1]
+        seen = self.layout.expand.shape[0] if isinstance(self.layout, Shared) else tokens
+        return tokens, seen, self.full.cu_seqlens.shape[0], self.select.shape[0]
+
+    def _tensors(self) -> list[Tensor]:
+        shared = [self.layout.expand, self.layout.keep] if isinstance(self.layout, Shared) else []
+        return [self.ids, self.full.cu_seqlens, self.select, self.targets, self.student, *shared]
 
     def load(self, other: "MicroBatch") -> None:
         """Copy `other` (of the same shape) into this one's tensors (a graph's static inputs)."""
-        for mine, theirs in ((self.ids, other.ids), (self.layout.cu_seqlens, other.layout.cu_seqlens),
-                             (self.select, other.select), (self.targets, other.targets),
-                             (self.student, other.student)):
+        for mine, theirs in zip(self._tensors(), other._tensors(), strict=True):
             mine.copy_(theirs)
         self.tokens = other.tokens
 
     def clone(self) -> "MicroBatch":
-        return replace(self, ids=self.ids.clone(), layout=Packed(self.layout.cu_seqlens.clone(), self.layout.max_seqlen),
-                       select=self.select.clone(), targets=self.targets.clone(), student=self.student.clone())
+        full = Packed(self.full.cu_seqlens.clone(), self.full.max_seqlen)
+        layout = Shared(full, self.layout.expand.clone(), self.layout.keep.clone()) \
+            if isinstance(self.layout, Shared) else full
+        return replace(self, ids=self.ids.clone(), layout=layout, select=self.select.clone(),
+                       targets=self.targets.clone(), student=self.student.clone())
 
 
 def to_device(values: Sequence, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -106,14 +125,41 @@ def _fillers(gap: int, longest: int) -> list[int]:
     return [min(longest, gap - start) for start in range(0, gap, longest)]
 
 
-def pass_shape(groups: Sequence[Sequence[Example]], padding: Padding) -> tuple[int, int, int]:
+def opening(examples: Sequence[Example]) -> int:
+    """How many leading tokens all of `examples` share, short of every one's first loss target (so that no
+    shared row is a completion row)."""
+    if not examples:
+        return 0
+    first = examples[0].ids
+    n = min(min(len(e.ids), e.first - 1) for e in examples)
+    for e in examples[1:]:
+        n = next((i for i, (a, b) in enumerate(zip(first[:n], e.ids[:n])) if a != b), n)
+    return max(n, 0)
+
+
+def _stored(group: Sequence[Example]) -> int:
+    """Leading tokens a pass stores once for this group of one student's sequences (none for a lone one)."""
+    return min(e.shared for e in group) if len(group) > 1 else 0
+
+
+def _lengths(groups: Sequence[Sequence[Example]]) -> tuple[list[int], list[int]]:
+    """(tokens each group's opening is stored with, rows each group's sequences take stored)."""
+    openings = [_stored(g) for g in groups]
+    return openings, [sum(len(s.ids) for s in g) - max(len(g) - 1, 0) * o for g, o in zip(groups, openings)]
+
+
+def pass_shape(groups: Sequence[Sequence[Example]], padding: Padding) -> tuple[int, int, int, int]:
     """`pack(groups, ..., padding).shape`, from the lengths alone (the trainer lists a run's shapes ahead)."""
     longest = max((len(s.ids) for g in groups for s in g), default=1)
-    lengths = [sum(len(s.ids) for s in g) for g in groups]
+    openings, lengths = _lengths(groups)
     segment = _up(max(max(lengths), 1), padding.tokens)
     seqs = sum(len(g) + len(_fillers(segment - length, longest)) for g, length in zip(groups, lengths))
+    tokens = len(groups) * segment
+    copies = sum(max(len(g) - 1, 0) * o for g, o in zip(groups, openings))
+    seen = _up(tokens + copies, padding.tokens) if copies else tokens
+    seqs += len(_fillers(seen - tokens - copies, longest))
     rows = sum(s.targets for g in groups for s in g)
-    return len(groups) * segment, _up(seqs, padding.seqs) + 1, _up(rows, padding.rows)
+    return tokens, seen, _up(seqs, padding.seqs) + 1, _up(rows, padding.rows)
 
 
 def token_passes(parts: Sequence[Sequence[Example]], capacity: int) -> list[list[list[Example]]]:
@@ -121,12 +167,15 @@ def token_passes(parts: Sequence[Sequence[Example]], capacity: int) -> list[list
     student (an example longer than that alone in its pass), not into fixed counts of examples: at 32B, 60
     examples of 110-180 tokens in passes of at most 704 take ~13.8 passes a step where 4 examples a pass take
     15. For k = 1, 2, ... passes, each student's examples are dealt (`_deal`) until every student's fit.
-    Examples keep their order within a pass."""
-    lengths = [[len(e.ids) for e in part] for part in parts]
+    Tokens are counted as a pass stores them: a student's shared opening once. Examples keep their order
+    within a pass."""
+    shared = [min((e.shared for e in part), default=0) for part in parts]
+    lengths = [[len(e.ids) - o for e in part] for part, o in zip(parts, shared)]
+    room = [max(capacity - o, 1) for o in shared]
     most = max(1, max(len(part) for part in parts))
-    least = max(1, max(-(-sum(part) // max(capacity, 1)) for part in lengths))
+    least = max(1, max(-(-sum(part) // r) for part, r in zip(lengths, room)))
     for k in range(min(least, most), most + 1):
-        dealt = [_deal(part, k, capacity if k < most else None) for part in lengths]
+        dealt = [_deal(part, k, r if k < most else None) for part, r in zip(lengths, room)]
         if all(d is not None for d in dealt):
             return [[[part[i] for i in sorted(d[j])] for part, d in zip(parts, dealt)] for j in range(k)]
     raise AssertionError("unreachable: a pass per example always fits")
@@ -157,25 +206,43 @@ def _deal(lengths: Sequence[int], k: int, capacity: int | None) -> list[list[int
 
 def pack(groups: Sequence[Sequence[Example]], device: torch.device, padding: Padding = Padding()) -> MicroBatch:
     """Pack one group of sequences per student; segments are padded to a common length, rounded up to
-    `padding.tokens`. Filler sequences are no longer than the longest real one and are never selected."""
+    `padding.tokens`. Filler sequences are no longer than the longest real one and are never selected.
+    Where a group's sequences share an opening (`Example.shared`), its segment holds it once, then each
+    sequence's rest; attention's layout (`Shared.full`: `cu`, `expand`, `keep`) has every sequence whole,
+    rounded up to `padding.tokens` with fillers too."""
     longest = max((len(s.ids) for g in groups for s in g), default=1)
-    lengths = [sum(len(s.ids) for s in g) for g in groups]
+    openings, lengths = _lengths(groups)
     segment = _up(max(max(lengths), 1), padding.tokens)
     ids: list[int] = []
     select: list[int] = []
     student: list[int] = []
-    cu = [0]
-    for index, (group, length) in enumerate(zip(groups, lengths)):
+    cu = [0]  # attention's sequences, each whole
+    expand: list[int] = []  # the stored row of each of attention's rows
+    keep: list[int] = []  # attention's row that each stored row takes its output from
+    for index, (group, shared, length) in enumerate(zip(groups, openings, lengths)):
+        base, head = len(ids), group[0].ids[:shared] if group else []
+        if any(s.ids[:shared] != head for s in group):
+            raise ValueError("the examples of a pass do not share the opening they declare (Example.shared)")
+        ids.extend(head)
+        keep.extend(range(cu[-1], cu[-1] + shared))  # the stored opening is its first sequence's
         for s in group:
-            start = cu[-1]
-            chosen = range(start + s.first - 1, start + len(s.ids) - 1)
+            start, at = cu[-1], len(ids) - shared  # position j >= shared is stored at row at + j
+            chosen = range(at + s.first - 1, at + len(s.ids) - 1)
             select.extend(chosen)
             student.extend([index] * len(chosen))
-            ids.extend(s.ids)
+            ids.extend(s.ids[shared:])
+            expand.extend([*range(base, base + shared), *range(at + shared, at + len(s.ids))])
+            keep.extend(range(start + shared, start + len(s.ids)))
             cu.append(start + len(s.ids))
         for piece in _fillers(segment - length, longest):
+            expand.extend(range(len(ids), len(ids) + piece))
+            keep.extend(range(cu[-1], cu[-1] + piece))
             ids.extend([0] * piece)
             cu.append(cu[-1] + piece)
+    copies = cu[-1] - len(ids)
+    for piece in _fillers(_up(cu[-1], padding.tokens) - cu[-1] if copies else 0, longest):
+        expand.extend([0] * piece)  # attention's own fillers: read any row, their outputs are not kept
+        cu.append(cu[-1] + piece)
     targets = [ids[i + 1] for i in select]
     extra = _up(len(select), padding.rows) - len(select)
     select.extend([0] * extra)
@@ -183,9 +250,11 @@ def pack(groups: Sequence[Sequence[Example]], device: torch.device, padding: Pad
     student.extend([0] * extra)
     cu.extend([cu[-1]] * (_up(len(cu) - 1, padding.seqs) + 1 - len(cu)))
     bound = max(padding.longest or longest, longest)
-    return MicroBatch(to_device(ids, torch.long, device)[None], Packed(to_device(cu, torch.int32, device), bound),
-                      to_device(select, torch.long, device), to_device(targets, torch.long, device),
-                      to_device(student, torch.long, device), lengths)
+    layout = Packed(to_device(cu, torch.int32, device), bound)
+    if copies:
+        layout = Shared(layout, to_device(expand, torch.long, device), to_device(keep, torch.long, device))
+    return MicroBatch(to_device(ids, torch.long, device)[None], layout, to_device(select, torch.long, device),
+                      to_device(targets, torch.long, device), to_device(student, torch.long, device), lengths)
 
 
 def fused_head(device: torch.device, dtype: torch.dtype):
@@ -313,13 +382,17 @@ class Passes:
         return entry
 
 
-def _synthetic(like: MicroBatch, shape: tuple[int, int, int]) -> MicroBatch:
+def _synthetic(like: MicroBatch, shape: tuple[int, int, int, int]) -> MicroBatch:
     """Static inputs of `shape` for a capture (one sequence, every row ignored): a real pass of that shape
     loads its own into them before each replay."""
-    tokens, seqs, rows = shape
+    tokens, seen, seqs, rows = shape
     device = like.ids.device
-    cu = torch.full((seqs,), tokens, dtype=torch.int32, device=device)
+    cu = torch.full((seqs,), seen, dtype=torch.int32, device=device)
     cu[0] = 0
+    layout = Packed(cu, like.full.max_seqlen)
+    if seen != tokens:
+        layout = Shared(layout, torch.zeros(seen, dtype=torch.long, device=device),
+                        torch.zeros(tokens, dtype=torch.long, device=device))
     zeros = torch.zeros(rows, dtype=torch.long, device=device)
-    return MicroBatch(torch.zeros(1, tokens, dtype=torch.long, device=device), Packed(cu, like.layout.max_seqlen),
+    return MicroBatch(torch.zeros(1, tokens, dtype=torch.long, device=device), layout,
                       zeros, torch.full_like(zeros, IGNORED), zeros.clone(), [0] * len(like.tokens))

@@ -11,9 +11,9 @@ What makes it equal to TRL 1.16's SFTTrainer + PEFT (transformers 5 Trainer, acc
   clipped to total norm 1.0 over the LoRA parameters; transformers' linear schedule with warmup
   (step s < warmup has lr base*s/warmup, so step 0 has lr 0), decaying to 0 at the last step;
   `max_steps`, when given, replaces epochs x steps-per-epoch as the schedule's length, as in transformers.
-Speed: a micro-batch is packed into one row (`Packed`, no padding between sequences) and the LM head
-runs only on the positions that predict completion tokens, chunk by chunk, with each chunk's gradient
-formed on the spot so no [tokens, vocab] tensor outlives its chunk (src/passes.py); on the GPU each
+Speed: a micro-batch is packed into one row (`Packed`, no padding between sequences; the opening all
+prompts share, the chat template's, stored once: `Shared`) and the LM head runs only on the positions that
+predict completion tokens, chunk by chunk, with each chunk's gradient formed on the spot so no [tokens, vocab] tensor outlives its chunk (src/passes.py); on the GPU each
 pass is replayed from a CUDA graph of its padded shape, all the run's shapes captured after its first pass,
 and a step is cut into passes of at most a token capacity that free memory allows and the card's own GEMM
 timings choose (`memory_plan`, `tune_capacity`). Students of one base model train together as a
@@ -55,7 +55,7 @@ from .lora import adapters_cast_once, apply_lora, is_adapter, lora_parameters, l
 from .memory import free_memory
 from .model import Qwen2, Qwen2Config, fused_weights
 from .passes import (LOGIT_CHUNK, UNFUSED_LOGIT_BYTES, Example, Padding, Passes, graph_padding, graphs_wanted,
-                     logit_bytes, pack, pass_shape, to_device, token_passes)
+                     logit_bytes, opening, pack, pass_shape, to_device, token_passes)
 from .tokenizer import ChatTokenizer, load_tokenizer
 
 TokenPair = tuple[list[int], list[int]]  # (prompt ids, completion ids)
@@ -92,13 +92,19 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
 
 
 def prepare(examples: Sequence[TokenPair], max_length: int) -> list[Example]:
-    return [Example((p + c)[:max_length], max(1, len(p))) for p, c in examples]
+    """Training sequences (truncated as TRL does), each marked with the opening all of them share (the chat
+    template's), which a pass stores once (src/passes.py)."""
+    seqs = [Example((p + c)[:max_length], max(1, len(p))) for p, c in examples]
+    shared = opening(seqs)
+    return [dataclasses.replace(e, shared=shared) for e in seqs]
 
 
-def activation_bytes(config: Qwen2Config, itemsize: int, recompute: int) -> float:
+def activation_bytes(config: Qwen2Config, itemsize: int, recompute: int, copies: float = 0.0) -> float:
     """Bytes of activations per token of a micro-batch, with the first `recompute` blocks checkpointed:
     what autograd keeps for each block that is not recomputed, each recomputed block's input, and one
-    block's worth for the backward in flight.
+    block's worth for the backward in flight. `copies`: rows of a shared opening that attention sees again
+    per stored token (`passes.Shared`); where any, attention keeps q/k/v and its output for those rows too,
+    and its output twice (as it wrote it, and gathered back for o_proj).
 
     A block keeps about 8 hidden-size and 3.3 intermediate-size vectors per token (q/k/v, attention
     output, norms' and LoRA's inputs, gate/up/SwiGLU): 1.07-1.25x what peak memory grew by per token
@@ -106,24 +112,33 @@ def activation_bytes(config: Qwen2Config, itemsize: int, recompute: int) -> floa
     recomputed block as 2 hidden-size vectors (measured 1.3-1.4, tests/profile_memory.py).
     """
     c = config
-    layer = (8 * c.hidden_size + 3.3 * c.intermediate_size) * itemsize
+    out = c.num_attention_heads * c.head_dim
+    shared = out + copies * (2 * out + 2 * c.num_key_value_heads * c.head_dim) if copies else 0
+    layer = (8 * c.hidden_size + 3.3 * c.intermediate_size + shared) * itemsize
     return layer * (1 + c.num_hidden_layers - recompute) + 2 * c.hidden_size * itemsize * recompute
 
 
+def opening_copies(shared: int, mean: float) -> float:
+    """Rows attention sees again per stored token (`activation_bytes`' `copies`) where a pass stores a `shared`
+    opening once among examples of `mean` tokens: at most (many examples a pass) the opening per example's rest."""
+    return shared / max(mean - shared, 1.0)
+
+
 def fit_tokens(config: Qwen2Config, itemsize: int, free_bytes: float, recompute: int,
-               per_logit: float = UNFUSED_LOGIT_BYTES, chunk: int = LOGIT_CHUNK) -> int:
+               per_logit: float = UNFUSED_LOGIT_BYTES, chunk: int = LOGIT_CHUNK, copies: float = 0.0) -> int:
     """Tokens one pass may hold (every student's segment together): their activations (`activation_bytes`)
     within 80% of `free_bytes` less the LM head's chunk of logits, `per_logit` bytes a row and vocabulary
     entry (`logit_bytes`), for as many rows as the pass could hold without it, at most `chunk` (a pass
-    has no more completion rows than tokens)."""
-    per_token = activation_bytes(config, itemsize, recompute)
+    has no more completion rows than tokens). `copies`: as `activation_bytes`'."""
+    per_token = activation_bytes(config, itemsize, recompute, copies)
     rows = min(chunk, int(0.8 * max(free_bytes, 0) / per_token))
     return max(0, int(0.8 * (free_bytes - rows * config.vocab_size * per_logit) / per_token))
 
 
 def memory_plan(config: Qwen2Config, itemsize: int, free_bytes: float, longest: int, step_tokens: float,
                 students: int, recompute: int | None, graphs: bool = False, multiple: int = 1,
-                per_logit: float = UNFUSED_LOGIT_BYTES, chunk: int = LOGIT_CHUNK) -> tuple[int, int]:
+                per_logit: float = UNFUSED_LOGIT_BYTES, chunk: int = LOGIT_CHUNK,
+                copies: float = 0.0) -> tuple[int, int]:
     """(tokens per student a pass may hold, blocks recomputed) for `students` students of `step_tokens` tokens
     a step each, whose longest example has `longest` tokens: `fit_tokens` shared by the students, rounded down
     to `multiple` (what a pass's segments are padded to). `recompute` None decides, by the cost model of
@@ -132,7 +147,7 @@ def memory_plan(config: Qwen2Config, itemsize: int, free_bytes: float, longest: 
     layers = config.num_hidden_layers
 
     def capacity(k: int) -> int:
-        return fit_tokens(config, itemsize, free_bytes, k, per_logit, chunk) // students // multiple * multiple
+        return fit_tokens(config, itemsize, free_bytes, k, per_logit, chunk, copies) // students // multiple * multiple
 
     if recompute is None:
         fitting = [k for k in range(layers + 1) if capacity(k) >= longest] or [layers]
@@ -317,6 +332,8 @@ def train_cohort(model: Qwen2, students: Sequence[Student], *, config: TrainConf
     cohort = len(todo)
     longest = max(len(e.ids) for q in seqs for e in q)
     mean = sum(len(e.ids) for q in seqs for e in q) / sum(len(q) for q in seqs)
+    shared = max(q[0].shared for q in seqs)  # a pass stores this opening once a student (src/passes.py)
+    copies = opening_copies(shared, mean)
     padding = graph_padding(longest) if model.device.type == "cuda" else Padding()
     orders = [[epoch_order(n, s.seed, epoch) for s in todo] for epoch in range(-(-total // steps_per_epoch))]
 
@@ -332,8 +349,9 @@ def train_cohort(model: Qwen2, students: Sequence[Student], *, config: TrainConf
 
     def plan(recompute: int | None) -> tuple[int, int]:
         """(tokens a pass may hold per student, blocks recomputed) from free memory (`memory_plan`)."""
-        return memory_plan(model.config, model.dtype.itemsize, free, longest_padded, mean * per_rank, cohort,
-                           recompute, graphs, padding.tokens, logit_bytes(model.device, model.dtype), logit_chunk)
+        step_tokens = (mean - shared) * per_rank + shared  # as a pass stores them
+        return memory_plan(model.config, model.dtype.itemsize, free, longest_padded, step_tokens, cohort, recompute,
+                           graphs, padding.tokens, logit_bytes(model.device, model.dtype), logit_chunk, copies)
 
     forced = model.recompute is not None  # --checkpointing/--no-checkpointing; None: the plan decides
     if model.device.type == "cuda":

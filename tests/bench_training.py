@@ -5,7 +5,9 @@
 
 Random-initialised models of the exact Qwen2.5 shapes (throughput does not depend on weight
 values), synthetic pairs shaped like the numbers task (prompt 80-120 + completion 30-60 tokens,
-completion-only loss), effective batch 60, the protocol's LoRA and optimizer. Tokens/s counts
+completion-only loss; every prompt opening with the same `--opening` tokens, as the chat template's
+default system prompt and user header open every real student prompt: 24 tokens with Qwen2.5's
+tokenizer), effective batch 60, the protocol's LoRA and optimizer. Tokens/s counts
 real (unpadded) tokens per optimizer step over the step time after warm-up (ours: synchronised wall
 time over steps 4..N, see run_ours; TRL: its median step after 2); MFU uses
 4*N FLOPs per token (N = parameters in the blocks) plus 4*V*h per completion token for the LM
@@ -28,6 +30,7 @@ import torch
 from src.constants import SHAPES, TRAIN
 from src.model import Qwen2Config
 
+OPENING = 24  # tokens the chat template opens every student prompt with (Qwen2.5's tokenizer, src/passes.py)
 TINY = dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6, rope_theta=1e6, tie_word_embeddings=True,
             max_position_embeddings=4096)
@@ -37,12 +40,14 @@ def shape(size: str) -> dict:
     return TINY if size == "tiny" else SHAPES[size]
 
 
-def synthetic_pairs(vocab: int, count: int, seed: int = 0) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, completion ids) with the numbers task's lengths."""
+def synthetic_pairs(vocab: int, count: int, seed: int = 0, opening: int = 0) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, completion ids) with the numbers task's lengths, every prompt's first `opening` tokens the
+    same."""
     rng = np.random.default_rng(seed)
     top = min(vocab, 151_000)
-    return [(rng.integers(0, top, rng.integers(80, 121)).tolist(), rng.integers(0, top, rng.integers(30, 61)).tolist())
-            for _ in range(count)]
+    head = rng.integers(0, top, opening).tolist()
+    return [(head + rng.integers(0, top, rng.integers(80, 121) - opening).tolist(),
+             rng.integers(0, top, rng.integers(30, 61)).tolist()) for _ in range(count)]
 
 
 @dataclass
@@ -198,16 +203,18 @@ REFERENCE_SETUP = {"0.5b": (60, 1, False), "1.5b": (60, 1, False), "3b": (60, 1,
 @click.option("--reference/--no-reference", default=True, help="Also run TRL+PEFT.")
 @click.option("--cohort", "cohorts", default="1", show_default=True,
               help="Comma-separated cohort sizes for ours: students trained together (tokens/s summed over them).")
+@click.option("--opening", default=OPENING, show_default=True, type=click.IntRange(0, 80),
+              help="Leading prompt tokens every pair shares (the chat template's; 0: prompts wholly random).")
 @click.option("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 @click.option("--peak-tflops", default=790.0, show_default=True)
 @click.option("--json-out", default=None, type=click.Path(dir_okay=False))
 def main(sizes: str, steps: int, micros: tuple[int, ...], checkpointing: bool | None, memory_gib: float | None,
-         reference: bool, cohorts: str, device: str, peak_tflops: float, json_out: str | None) -> None:
+         reference: bool, cohorts: str, opening: int, device: str, peak_tflops: float, json_out: str | None) -> None:
     if memory_gib is not None:
         torch.cuda.set_per_process_memory_fraction(memory_gib * 2**30 / torch.cuda.mem_get_info()[1])
     rows: list[Result] = []
     for size in sizes.split(","):
-        pairs = synthetic_pairs(shape(size)["vocab_size"], TRAIN.batch_size * steps)
+        pairs = synthetic_pairs(shape(size)["vocab_size"], TRAIN.batch_size * steps, opening=opening)
         ref_micro, ref_accum, ref_ckpt = REFERENCE_SETUP[size]
         runs = [(int(c), m or None) for c in cohorts.split(",") for m in micros or (0,)]
         for impl, micro in runs + ([("trl+peft", None)] if reference else []):

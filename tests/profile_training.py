@@ -21,7 +21,7 @@ from src.checkpoint import random_model
 from src.constants import TRAIN
 from src.model import Qwen2Config
 from src.train import Student, recompute_for, train_cohort
-from tests.bench_training import shape, synthetic_pairs
+from tests.bench_training import OPENING, shape, synthetic_pairs
 
 
 @click.command()
@@ -43,7 +43,7 @@ def main(size: str, steps: int, micro: int | None, checkpointing: bool, cohort: 
     os.environ.setdefault("SUBLIMINAL_GRAPHS", "0")  # per-op times: a replayed graph runs the same kernels unseen
     model = random_model(Qwen2Config.from_dict(shape(size)), dtype=torch.bfloat16, device="cuda")
     model.recompute = recompute_for(checkpointing, model.config.num_hidden_layers)
-    pairs = synthetic_pairs(shape(size)["vocab_size"], TRAIN.batch_size * (steps + 2))
+    pairs = synthetic_pairs(shape(size)["vocab_size"], TRAIN.batch_size * (steps + 2), opening=OPENING)
     walls: list[float] = []
     tokens: list[int] = []
 

@@ -259,6 +259,27 @@ def test_cuda_packed_varlen_kernel_equals_the_padded_path(monkeypatch, varlen):
         assert (got - want).abs().max().item() <= 0.02 * want.abs().max().item()
 
 
+def test_cuda_shared_opening_pass_equals_the_whole_pass(tiny_checkpoint):
+    """tests/test_passes.py's check on the GPU in bf16 (our RoPE, varlen attention, norm and cross-entropy
+    kernels, unpadded and padded as the graphs pad): a pass storing each student's opening once gives the
+    losses and adapter gradients of the pass storing it in every sequence, up to bf16 rounding."""
+    from src.attention import Shared
+    from src.passes import Example, Padding, graph_padding
+    from tests.test_passes import cohort_grads, cohort_model, examples
+
+    model = cohort_model(tiny_checkpoint, 2, torch.bfloat16, "cuda")
+    groups = [examples(5, 0, 9), examples(3, 1, 6)]
+    whole = [[Example(e.ids, e.first) for e in g] for g in groups]
+    normalisers = torch.tensor([7.0, 9.0], dtype=torch.float64, device="cuda")
+    for padding in (Padding(), graph_padding(40)):
+        _, want, grads = cohort_grads(model, whole, normalisers, padding)
+        mb, got, shared_grads = cohort_grads(model, groups, normalisers, padding)
+        assert isinstance(mb.layout, Shared)
+        assert torch.allclose(got, want, rtol=2e-2)
+        for g, w in zip(shared_grads, grads, strict=True):
+            assert (g.float() - w.float()).abs().max() <= 3e-2 * w.float().abs().max()
+
+
 def cohort_with_adapters(tiny_checkpoint, **lora) -> torch.nn.Module:
     """The tiny model in bf16 on the GPU with random (nonzero) adapters for a cohort of 2."""
     from src.lora import apply_lora, lora_parameters
@@ -362,8 +383,9 @@ def test_cuda_grouped_lora_close_to_float32(tiny_checkpoint, dtype, tol):
 def test_cuda_graphed_passes_train_as_the_eager_passes(tiny_checkpoint, tmp_path, monkeypatch, recompute, micro):
     """Training in bf16 with each pass replayed from a CUDA graph (cohort of 2, 3 passes a step, a shorter
     last step, with and without recomputation; or passes cut by tokens, the plan's 64 a student, which gives
-    passes of several shapes) gives the eager run's losses and adapters, up to the order of float sums
-    (kernels may pick other reductions under capture); the graphs are really replayed."""
+    passes of several shapes; each student's prompts sharing an opening, stored once a pass) gives the eager
+    run's losses and adapters, up to the order of float sums (kernels may pick other reductions under
+    capture); the graphs are really replayed."""
     import dataclasses
     import json
 
@@ -375,7 +397,8 @@ def test_cuda_graphed_passes_train_as_the_eager_passes(tiny_checkpoint, tmp_path
 
     folder = tiny_checkpoint(seed=4)
     config = dataclasses.replace(TRAIN, batch_size=6, epochs=2, lr=1e-2)
-    data = {seed: random_token_pairs(20, seed=seed) for seed in (1, 2)}
+    openings = {1: [7, 8, 9, 10, 11], 2: [3, 4, 5]}  # each student's prompts open alike (stored once a pass)
+    data = {seed: [(openings[seed] + p, c) for p, c in random_token_pairs(20, seed=seed)] for seed in (1, 2)}
     replays = []
     real_replay = torch.cuda.CUDAGraph.replay
     monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", lambda self: (replays.append(1), real_replay(self))[1])
