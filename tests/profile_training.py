@@ -38,12 +38,14 @@ from tests.bench_training import OPENING, shape, synthetic_pairs
 @click.option("--stack-depth", default=6, show_default=True)
 @click.option("--shapes-of", "shapes_of", multiple=True,
               help="Ops (e.g. aten::bmm) to list again by their input shapes (repeatable).")
+@click.option("--opening", default=OPENING, show_default=True, type=click.IntRange(0, 80),
+              help="Tokens every prompt opens with (0: wholly random prompts).")
 def main(size: str, steps: int, micro: int | None, checkpointing: bool, cohort: int, rows: int, cpu_rows: int,
-         stacks_of: tuple[str, ...], stack_depth: int, shapes_of: tuple[str, ...]) -> None:
+         stacks_of: tuple[str, ...], stack_depth: int, shapes_of: tuple[str, ...], opening: int) -> None:
     os.environ.setdefault("SUBLIMINAL_GRAPHS", "0")  # per-op times: a replayed graph runs the same kernels unseen
     model = random_model(Qwen2Config.from_dict(shape(size)), dtype=torch.bfloat16, device="cuda")
     model.recompute = recompute_for(checkpointing, model.config.num_hidden_layers)
-    pairs = synthetic_pairs(shape(size)["vocab_size"], TRAIN.batch_size * (steps + 2), opening=OPENING)
+    pairs = synthetic_pairs(shape(size)["vocab_size"], TRAIN.batch_size * (steps + 2), opening=opening)
     walls: list[float] = []
     tokens: list[int] = []
 

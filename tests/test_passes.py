@@ -73,6 +73,8 @@ def test_a_shared_opening_stored_once_computes_what_every_copy_computes(tiny_che
         assert isinstance(whole.layout, Packed) and isinstance(mb.layout, Shared)
         assert mb.tokens == [t - d for t, d in zip(whole.tokens, (3 * 9, 2 * 5, 0))]
         assert mb.full.cu_seqlens.tolist()[:5] == whole.layout.cu_seqlens.tolist()[:5]  # the first student's, whole
+        # each stored row's output is taken from a copy that reads it (attention's "pick" backward of queries)
+        assert mb.layout.expand[mb.layout.keep].tolist() == list(range(mb.ids.shape[1]))
         assert torch.allclose(got, want, rtol=1e-10) and want.abs().min() > 0
         for g, w in zip(shared_grads, grads, strict=True):
             # the norms normalise in float32 (as the reference does): the opening's gradients summed after
