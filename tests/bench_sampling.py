@@ -24,6 +24,7 @@ import torch
 
 from src.checkpoint import random_model
 from src.constants import SHAPES
+from src.memory import cap_memory
 from src.model import Qwen2, Qwen2Config
 from src.sampler import Sampler, sample
 
@@ -79,7 +80,7 @@ def main(size: str, batches: tuple[int, ...], prompt_len: int, new_tokens: int, 
     """Print generated tokens/s of ours and of transformers' generate, their ratio, and the slots ours used."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if memory_gib is not None:
-        torch.cuda.set_per_process_memory_fraction(memory_gib * 2**30 / torch.cuda.mem_get_info(device)[1], device)
+        cap_memory(memory_gib, device)
     shape = TINY if size == "tiny" else SHAPES[size]
     torch_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
     model = random_model(Qwen2Config.from_dict(shape), dtype=torch_dtype, device=device)

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from src.constants import SHAPES, TRAIN
+from src.memory import cap_memory
 from src.model import Qwen2Config
 
 OPENING = 24  # tokens the chat template opens every student prompt with (Qwen2.5's tokenizer, src/passes.py)
@@ -211,7 +212,7 @@ REFERENCE_SETUP = {"0.5b": (60, 1, False), "1.5b": (60, 1, False), "3b": (60, 1,
 def main(sizes: str, steps: int, micros: tuple[int, ...], checkpointing: bool | None, memory_gib: float | None,
          reference: bool, cohorts: str, opening: int, device: str, peak_tflops: float, json_out: str | None) -> None:
     if memory_gib is not None:
-        torch.cuda.set_per_process_memory_fraction(memory_gib * 2**30 / torch.cuda.mem_get_info()[1])
+        cap_memory(memory_gib, torch.device("cuda"))
     rows: list[Result] = []
     for size in sizes.split(","):
         pairs = synthetic_pairs(shape(size)["vocab_size"], TRAIN.batch_size * steps, opening=opening)

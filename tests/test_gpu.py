@@ -168,15 +168,15 @@ def test_free_memory_counts_the_allocators_cached_blocks():
 
 
 def test_free_memory_stays_within_the_process_memory_fraction():
-    """Capped with set_per_process_memory_fraction (an 80 GB budget on a larger GPU), the memory plan
-    sees only what is left under the cap."""
-    from src.memory import free_memory
+    """Capped by `cap_memory` (the benchmarks' --memory-gib: an 80 GB budget on a larger GPU; given a bare
+    "cuda", as they give it), the memory plan sees only what is left under the cap."""
+    from src.memory import cap_memory, free_memory
 
     device = torch.device("cuda", torch.cuda.current_device())
     total = torch.cuda.mem_get_info(device)[1]
     held = torch.empty(1 << 30, dtype=torch.uint8, device=device)
     try:
-        torch.cuda.set_per_process_memory_fraction(0.25, device)
+        cap_memory(total / 4 / 2**30, torch.device("cuda"))
         assert abs(free_memory(device) - (0.25 * total - torch.cuda.memory_allocated(device))) <= 1 << 20
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0, device)
