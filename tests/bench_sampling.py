@@ -13,6 +13,11 @@ median of `--repeats` after one warm-up call per side. "ours" keeps one `Sampler
 as teacher generation does over its chunks (the warm-up call allocates the cache and captures the
 decode graph); "fresh" calls `sample()`, which builds and captures anew every call. It lives in tests/ because it imports
 transformers, which src/ never does.
+
+What 10x `generate` asks of the card: "floor" is the least time any sampler could take for the row's work at the
+card's spec-sheet rates (`floor_seconds`; defaults: H100 SXM, 989 dense bf16 TFLOP/s and 3.35 TB/s), "10x needs"
+the share of those rates a sampler must hold over the whole call to run 10x `generate`'s time of that row (over
+100%: no sampler can on this card), "ours at" the share ours holds.
 """
 from __future__ import annotations
 
@@ -48,6 +53,21 @@ def _timed(fn, device: torch.device, repeats: int) -> float:
     return statistics.median(times)
 
 
+def floor_seconds(model: Qwen2, batch: int, prompt_len: int, new_tokens: int, tflops: float, tbps: float) -> float:
+    """A lower bound on sampling `new_tokens` tokens for `batch` prompts of `prompt_len` tokens: the prefill's 2
+    FLOPs per block weight and prompt token (the LM head once per prompt: its first token), then for each
+    further token the longer of the step's FLOPs (2 per weight and slot, LM head included) and one read of
+    every weight but the embedding table's unread rows. Attention and the KV cache are left out: a bound, not
+    a model of the step."""
+    config = model.config
+    head = config.vocab_size * config.hidden_size
+    outside = ("model.embed_tokens.", "lm_head.")
+    body = sum(p.numel() for name, p in model.named_parameters() if not name.startswith(outside))
+    prefill = 2 * (body * prompt_len + head) * batch / (tflops * 1e12)
+    step = max(2 * (body + head) * batch / (tflops * 1e12), (body + head) * model.dtype.itemsize / (tbps * 1e12))
+    return prefill + (new_tokens - 1) * step
+
+
 def transformers_twin(model: Qwen2, shape: dict):
     """transformers' Qwen2ForCausalLM over the same tensors (assigned, not copied)."""
     from transformers import Qwen2Config as HFConfig
@@ -75,8 +95,10 @@ def transformers_twin(model: Qwen2, shape: dict):
 @click.option("--dtype", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True)
 @click.option("--memory-gib", default=None, type=float,
               help="Cap this process's GPU memory (e.g. 79 on a larger GPU, for the real runs' H100 80 GB).")
+@click.option("--spec-tflops", default=989.0, show_default=True, help="The card's dense bf16 peak (H100 PCIe: 756).")
+@click.option("--spec-tbps", default=3.35, show_default=True, help="The card's memory bandwidth (H100 PCIe: 2.0).")
 def main(size: str, batches: tuple[int, ...], prompt_len: int, new_tokens: int, repeats: int, device: str | None,
-         dtype: str, memory_gib: float | None) -> None:
+         dtype: str, memory_gib: float | None, spec_tflops: float, spec_tbps: float) -> None:
     """Print generated tokens/s of ours and of transformers' generate, their ratio, and the slots ours used."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if memory_gib is not None:
@@ -93,7 +115,7 @@ def main(size: str, batches: tuple[int, ...], prompt_len: int, new_tokens: int, 
     click.echo(f"{size} ({dtype}) on {name}: prompts of {prompt_len} tokens, {new_tokens} new tokens each; "
                f"max |logit difference| ours vs transformers {gap:.2e}")
     click.echo(f"{'batch':>6} {'ours s':>8} {'ours tok/s':>11} {'fresh tok/s':>12} {'hf s':>8} {'hf tok/s':>10} "
-               f"{'ratio':>6} {'fresh':>6} {'slots':>6}")
+               f"{'ratio':>6} {'fresh':>6} {'slots':>6} {'floor ms':>9} {'10x needs':>9} {'ours at':>8}")
     for batch in batches:
         ids = torch.randint(0, min(shape["vocab_size"], 151_000), (batch, prompt_len), generator=generator)
         prompts = ids.tolist()
@@ -118,8 +140,10 @@ def main(size: str, batches: tuple[int, ...], prompt_len: int, new_tokens: int, 
             theirs = float("nan")  # generate's cache for the whole batch does not fit beside the weights
             torch.cuda.empty_cache()
         tokens = batch * new_tokens
+        floor = floor_seconds(model, batch, prompt_len, new_tokens, spec_tflops, spec_tbps)
         click.echo(f"{batch:>6} {ours:>8.2f} {tokens / ours:>11.0f} {tokens / fresh:>12.0f} {theirs:>8.2f} "
-                   f"{tokens / theirs:>10.0f} {theirs / ours:>5.1f}x {theirs / fresh:>5.1f}x {slots:>6}")
+                   f"{tokens / theirs:>10.0f} {theirs / ours:>5.1f}x {theirs / fresh:>5.1f}x {slots:>6} {floor * 1e3:>9.3g} "
+                   f"{10 * floor / theirs:>9.0%} {floor / ours:>8.0%}")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
+import pytest
 import torch
 from click.testing import CliRunner
 
@@ -45,8 +46,26 @@ def test_sampling_benchmark_runs_both_sides(one_thread):
                                                    "--new-tokens", "4", "--repeats", "1"])
     assert out.exit_code == 0, out.output
     row = out.output.strip().splitlines()[-1].split()
-    assert row[0] == "3" and all(r.endswith("x") and float(r[:-1]) > 0 for r in row[-3:-1])
-    assert row[-1] == "3"  # slots used: all of the batch on the CPU
+    assert row[0] == "3" and all(r.endswith("x") and float(r[:-1]) > 0 for r in row[6:8])
+    assert row[8] == "3"  # slots used: all of the batch on the CPU
+    assert float(row[9]) > 0 and row[10].endswith("%") and row[11].endswith("%")
+
+
+def test_sampling_floor_counts_each_weight_once_per_token_and_step():
+    """`floor_seconds` against the tiny shape counted by hand: blocks of q/k/v (with biases), o, gate/up, down
+    and two norms, the final norm; the tied table as the LM head. At one slot a step is the read of every
+    weight; at many slots its FLOPs."""
+    t = bench_sampling.TINY
+    h, i, d = t["hidden_size"], t["intermediate_size"], t["head_dim"]
+    q, kv = t["num_attention_heads"] * d, t["num_key_value_heads"] * d
+    block = h * q + q + 2 * (h * kv + kv) + q * h + 3 * h * i + 2 * h
+    body, head = t["num_hidden_layers"] * block + h, t["vocab_size"] * h
+    model = random_model(Qwen2Config.from_dict(t), dtype=torch.bfloat16, device="cpu")
+    tera = 1e12
+    one = bench_sampling.floor_seconds(model, 1, 10, 5, 1000.0, 1.0)  # 1,000 TFLOP/s, 1 TB/s
+    assert one == pytest.approx(2 * (body * 10 + head) / (1000 * tera) + 4 * (body + head) * 2 / tera)
+    many = bench_sampling.floor_seconds(model, 10**6, 10, 5, 1000.0, 1.0)
+    assert many == pytest.approx((2 * (body * 10 + head) + 4 * 2 * (body + head)) * 10**6 / (1000 * tera))
 
 
 def test_decode_benchmark_swaps_in_the_replaced_paths_and_back(one_thread):
